@@ -1,0 +1,1 @@
+"""Curation: sources → validated samples → curated mixtures (later issues add dedup, balance, metabolism)."""

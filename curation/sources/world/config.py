@@ -1,0 +1,73 @@
+"""Typed configuration of the built-in procedural world."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SKILLS: tuple[str, ...] = ("caption", "color", "shape", "count", "spatial", "ocr", "existence", "grounding")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon")
+COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan", "pink")
+SIZES: tuple[str, ...] = ("small", "large")
+# Three-letter words: at 64 px a 3x3 grid cell is ~21 px wide, which fits three glyphs of a ~9 px font.
+WORDS: tuple[str, ...] = (
+    "CAT", "DOG", "SUN", "BOX", "CUP", "HAT", "KEY", "MAP", "PEN", "BUS",
+    "FOX", "OWL", "BEE", "ANT", "EGG", "ICE", "JAR", "LOG", "NET", "RUG",
+)
+
+
+@dataclass
+class WorldConfig:
+    """The procedural world: what scenes look like, which questions are asked, and how many.
+
+    Scenes put 1..max_objects shapes (and, with probability ``word_prob``, one rendered word) on
+    the cells of a ``grid`` × ``grid`` layout of an ``image_size`` image.
+    """
+
+    image_size: int = 64  # pixels per side of the written PNGs
+    grid: int = 3  # cells per side; objects sit at cell centres
+    min_objects: int = 1  # shapes per scene, lower bound (words are not counted as shapes)
+    max_objects: int = 6  # shapes per scene, upper bound; must be <= grid * grid (minus one if a word is drawn)
+    word_prob: float = 0.3  # probability that a scene also shows one rendered word (OCR)
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES))
+    colors: list[str] = field(default_factory=lambda: list(COLORS))
+    sizes: list[str] = field(default_factory=lambda: list(SIZES))
+    words: list[str] = field(default_factory=lambda: list(WORDS))
+    skills: list[str] = field(default_factory=lambda: list(SKILLS))  # skills to write; others are skipped
+    train_per_skill: int = 3000  # training records per skill
+    eval_per_skill: int = 150  # held-out records per skill
+    turns_per_record: int = 3  # question/answer turns per training record (same image, same skill)
+    seed: int = 0  # training split seed
+    eval_seed: int = 1_000_003  # held-out split seed; must differ from ``seed``
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.skills) - set(SKILLS))
+        if unknown:
+            raise ValueError(f"data.world.skills: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
+        if not self.skills:
+            raise ValueError("data.world.skills is empty; name at least one of " + ", ".join(SKILLS))
+        for name in ("shapes", "colors", "sizes", "words"):
+            known = {"shapes": SHAPES, "colors": COLORS, "sizes": SIZES, "words": WORDS}[name]
+            values = getattr(self, name)
+            if name != "words" and set(values) - set(known):
+                raise ValueError(f"data.world.{name}: {sorted(set(values) - set(known))} are not drawable; use {list(known)}")
+            if len(set(values)) < 2:
+                raise ValueError(f"data.world.{name} needs at least 2 distinct values, got {values}")
+        if any(len(w) > 3 or not w.isalpha() for w in self.words):
+            raise ValueError(f"data.world.words: words must be 1-3 letters A-Z to fit one cell, got {self.words}")
+        if self.image_size < 16 * self.grid // 2:
+            raise ValueError(f"data.world.image_size={self.image_size} is too small for a {self.grid}x{self.grid} grid")
+        if self.grid < 2:
+            raise ValueError(f"data.world.grid={self.grid}; need at least 2 cells per side for spatial questions")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"data.world: need 1 <= min_objects <= max_objects, got {self.min_objects}..{self.max_objects}")
+        if self.max_objects > self.grid * self.grid - 1:
+            raise ValueError(
+                f"data.world.max_objects={self.max_objects} does not fit a {self.grid}x{self.grid} grid "
+                f"(at most {self.grid * self.grid - 1}: one cell is kept free for a word)"
+            )
+        if not 0.0 <= self.word_prob <= 1.0:
+            raise ValueError(f"data.world.word_prob={self.word_prob} must be in [0, 1]")
+        if self.train_per_skill < 0 or self.eval_per_skill < 0 or self.turns_per_record < 1:
+            raise ValueError("data.world: train_per_skill and eval_per_skill must be >= 0 and turns_per_record >= 1")
+        if self.seed == self.eval_seed:
+            raise ValueError(f"data.world.eval_seed must differ from data.world.seed (both {self.seed}): the held-out split would repeat training scenes")

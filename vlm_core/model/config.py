@@ -1,0 +1,79 @@
+"""Typed configuration of the VLM: vision tower, projector and decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+ATTN_IMPLS: tuple[str, ...] = ("reference",)  # kernels (sdpa, flex, triton, ...) register here as they land
+
+
+@dataclass
+class VisionConfig:
+    """A ViT: patch embedding, learned positions, pre-norm blocks. P = (image_size / patch_size)^2 tokens."""
+
+    image_size: int = 48  # model input side in pixels; the data path resizes images to this
+    patch_size: int = 16  # 48 / 16 = a 3x3 patch grid, one patch per cell of the world's 3x3 layout
+    dim: int = 128  # D_v
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.vision.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.dim % self.heads:
+            raise ValueError(f"model.vision.dim={self.dim} is not divisible by heads={self.heads}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """P: image tokens per image."""
+        return self.grid * self.grid
+
+
+@dataclass
+class ModelConfig:
+    """A LLaVA-style VLM: ViT → MLP projector (GELU) → decoder (RMSNorm, RoPE, SwiGLU, GQA)."""
+
+    name: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector_hidden: Optional[int] = None  # D_h of the projector MLP; None = decoder dim
+    dim: int = 128  # D
+    layers: int = 4
+    heads: int = 4  # Hq
+    kv_heads: int = 2  # Hkv; heads % kv_heads == 0 (grouped-query attention)
+    mlp_hidden: Optional[int] = None  # SwiGLU hidden width; None = 8/3 * dim rounded up to a multiple of 32
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    attn_impl: str = "reference"  # one of ATTN_IMPLS
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.projector_hidden is None:
+            self.projector_hidden = self.dim
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 32 * -(-(8 * self.dim // 3) // 32)
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"model.heads={self.heads} is not divisible by model.kv_heads={self.kv_heads} "
+                "(grouped-query attention shares each KV head among heads/kv_heads query heads)"
+            )
+        if (self.dim // self.heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.heads} must be even for rotary embeddings")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"model.attn_impl={self.attn_impl!r}; expected one of {list(ATTN_IMPLS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
