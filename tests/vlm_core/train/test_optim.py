@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vlm_core.train.optim import build_optimizer, lr_at
+
+
+def test_schedule_warmup_peak_and_floor() -> None:
+    lrs = [lr_at(s, 1e-3, 10, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warmup
+    assert lr_at(100, 1e-3, 10, 100, 0.1) == pytest.approx(1e-4)
+    mid = lr_at(55, 1e-3, 10, 100, 0.1)
+    assert mid == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision = nn.Linear(4, 4)
+        self.decoder = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+
+
+def test_build_optimizer_freezes_and_groups() -> None:
+    model = Toy()
+    optimizer = build_optimizer(model, ["decoder"], 1e-3, 0.1, (0.9, 0.95))
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    decay, no_decay = optimizer.param_groups
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 3  # linear bias, norm weight, norm bias
+
+
+def test_build_optimizer_unknown_module() -> None:
+    with pytest.raises(ValueError, match="projector"):
+        build_optimizer(Toy(), ["projector"], 1e-3, 0.0, (0.9, 0.95))

@@ -1,0 +1,262 @@
+"""One training job: data → stage 0 (tower) → stage 1 (align) → stage 2 (instruct) → held-out eval.
+
+Every stage is optional and resumable. A checkpoint records which stages are complete and where the
+current one stands (step, optimizer, data position, RNG), so ``train.resume`` continues exactly where
+a killed run stopped: the remaining steps see the same batches and produce the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from vlm_core.config import JobConfig
+from vlm_core.data.dataset import SFTDataset
+from vlm_core.data.image import ImageProcessor
+from vlm_core.data.prepare import PreparedData, prepare_data
+from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
+from vlm_core.eval.evaluate import answer_questions, evaluate, render_table
+from vlm_core.model.vlm import VLM, count_parameters
+from vlm_core.train.checkpoint import (
+    Checkpoint, CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, load_optimizer_state,
+    save_checkpoint,
+)
+from vlm_core.train.lm import PackedSteps, lm_loss, summarize_lm
+from vlm_core.train.loop import LoopContext, StageSpec, run_stage
+from vlm_core.train.metrics import MetricsLogger
+from vlm_core.train.optim import build_optimizer
+from vlm_core.train.tower import (
+    TowerSteps, build_pretrainer, load_cached_tower, save_cached_tower, summarize_tower, tower_cache_key, tower_loss,
+)
+from vlm_core.types import EvalReport, Sample
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("tower", "align", "instruct")
+RESUME_LATEST = ("true", "latest", "auto", "yes", "1")
+
+
+@dataclass
+class JobState:
+    """What the job knows about its own progress; written into every checkpoint."""
+
+    completed: list[str] = field(default_factory=list)
+    resumed_from: Checkpoint | None = None
+
+    def resume_point(self, stage: str) -> Checkpoint | None:
+        """The checkpoint to continue ``stage`` from, if the run was resumed in the middle of it."""
+        ckpt = self.resumed_from
+        if ckpt is not None and ckpt.state.get("stage") == stage and stage not in self.completed:
+            return ckpt
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path = Path("outputs")) -> Path | None:
+    """Interpret ``train.resume``: None; "true"/"latest" (this run dir, else the newest under outputs/); a path."""
+    if resume is None or resume.lower() in ("false", "no", "0", "none", ""):
+        return None
+    if resume.lower() in RESUME_LATEST:
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is None and outputs_root.is_dir():
+            pointers = sorted(outputs_root.glob("**/checkpoints/latest.json"), key=lambda p: p.stat().st_mtime)
+            found = latest_checkpoint(pointers[-1].parent) if pointers else None
+        if found is None:
+            raise CheckpointError(
+                f"train.resume={resume}: no checkpoint in {run_dir / 'checkpoints'} or under {outputs_root}/; "
+                "pass train.resume=PATH to a run directory or a checkpoint folder"
+            )
+        return found
+    path = Path(resume).expanduser()
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "state.json").is_file():
+            return candidate
+        found = latest_checkpoint(candidate) if candidate.is_dir() else None
+        if found is not None:
+            return found
+    raise CheckpointError(f"train.resume={resume}: {path} is neither a checkpoint folder nor a run directory with checkpoints/")
+
+
+def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
+    """Run every enabled stage, then the held-out evaluation; return the report (None without eval data)."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir or "outputs/run").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+
+    data = prepare_data(cfg.data, run_dir, show_progress=show_progress)
+    tokenizer = load_tokenizer(data.tokenizer_dir)
+    encoder = ChatEncoder(tokenizer, cfg.model.vision.num_patches)
+    processor = ImageProcessor(cfg.model.vision.image_size)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    model = VLM(cfg.model, vocab_size=len(tokenizer), image_token_id=image_token_id).to(device)
+    log.info("model %s: %s parameters", cfg.model.name, {k: f"{v:,}" for k, v in count_parameters(model).items()})
+    atomic_write_text(run_dir / "tokenizer_path.txt", str(data.tokenizer_dir) + "\n")
+
+    job = JobState()
+    resume_path = find_resume_checkpoint(cfg.train.resume, run_dir)
+    if resume_path is not None:
+        job.resumed_from = load_checkpoint(resume_path, model)
+        state = job.resumed_from.state
+        job.completed = list(state.get("completed_stages", []))
+        log.info("resuming from %s (stage %s, step %s)", resume_path, state.get("stage"), state.get("step"))
+    logger = MetricsLogger(run_dir, resume_step=job.resumed_from.state["step"] if job.resumed_from else None)
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "completed_stages": list(job.completed),
+            "model_config": asdict(cfg.model),
+            "tokenizer_dir": str(data.tokenizer_dir),
+        }
+
+    context = LoopContext(
+        run_dir=run_dir, logger=logger, device=device, log_every=cfg.train.log_every,
+        ckpt_every=cfg.train.ckpt_every, keep_checkpoints=cfg.train.keep_checkpoints,
+        checkpoint_state=checkpoint_state, show_progress=show_progress,
+    )
+    offsets = _stage_offsets(cfg)
+    try:
+        _run_tower(cfg, model, data, processor, job, context, offsets["tower"], device, show_progress)
+        samples = _world_samples_for(data.train, cfg.train.align.skills)
+        sampler = _sample_logger(model, data.eval, encoder, processor, logger, device)
+        context.on_sample, context.sample_every = sampler, cfg.train.sample_every
+        if cfg.train.align.enabled:
+            align = cfg.train.align
+            spec = StageSpec("align", align.steps, offsets["align"], align.lr, align.warmup_steps, 1.0, cfg.train.grad_clip)
+            _run_lm_stage(spec, align.trainable, align.batch_size, samples, cfg, model, encoder, processor, job, context, device)
+        train = cfg.train
+        spec = StageSpec("instruct", train.max_steps, offsets["instruct"], train.lr, train.warmup_steps,
+                         train.min_lr_ratio, train.grad_clip)
+        _run_lm_stage(spec, train.trainable, train.batch_size, data.train, cfg, model, encoder, processor, job, context, device)
+        if sampler is not None:
+            sampler(offsets["instruct"] + train.max_steps)
+        report = None
+        if cfg.eval.enabled and data.eval:
+            report = evaluate(model, data.eval, encoder, processor, data.scorer, data.chance, cfg.eval, device, show_progress)
+            atomic_write_text(run_dir / "eval.json", json.dumps(report.to_json(), indent=1))
+            for skill, accuracy in report.skills.items():
+                logger.log(offsets["end"], "eval", {skill: accuracy})
+            logger.log(offsets["end"], "eval", {"overall": report.overall})
+            Console().print(render_table(report, title=f"held-out accuracy ({run_dir.name})"))
+        log.info("job finished in %.1f s; run directory %s", time.perf_counter() - started, run_dir)
+        return report
+    finally:
+        logger.close()
+
+
+def _stage_offsets(cfg: JobConfig) -> dict[str, int]:
+    """Each stage's place on the global step axis (fixed by the config, whether a stage runs or is cached)."""
+    tower = cfg.train.tower.steps if cfg.train.tower.enabled else 0
+    align = cfg.train.align.steps if cfg.train.align.enabled else 0
+    return {"tower": 0, "align": tower, "instruct": tower + align, "end": tower + align + cfg.train.max_steps}
+
+
+def _run_tower(
+    cfg: JobConfig, model: VLM, data: PreparedData, processor: ImageProcessor, job: JobState, context: LoopContext,
+    offset: int, device: torch.device, show_progress: bool,
+) -> None:
+    stage = cfg.train.tower
+    if not stage.enabled or "tower" in job.completed:
+        return
+    if data.world is None:
+        raise ValueError(
+            "train.tower pretrains the vision tower on the built-in world's scene graphs, but data.source is not "
+            "world; set train.tower.enabled=false (and start from a pretrained tower) for other data"
+        )
+    folder = Path(cfg.data.cache_dir).expanduser() / "towers" / tower_cache_key(
+        cfg.model.vision, data.world.config_hash, stage, cfg.train.seed
+    )
+    info = load_cached_tower(folder, model.vision) if stage.cache else None
+    if info is not None:
+        log.info("stage 0: reusing the pretrained tower in %s (per-patch accuracy %.3f)", folder, info["acc"])
+    else:
+        pretrainer = build_pretrainer(model.vision, cfg.data.world, cfg.model.vision).to(device)
+        root = data.world.image_root.resolve()
+        keys = sorted({p.resolve().relative_to(root).as_posix() for s in data.train for p in s.image_paths})
+        source = TowerSteps(
+            {k: data.scenes[k] for k in keys}, root, cfg.data.world, cfg.model.vision, processor,
+            stage.batch_size, cfg.train.seed, device, show_progress,
+        )
+        optimizer = build_optimizer(pretrainer, ["vision", "heads"], stage.lr, stage.weight_decay,
+                                    (cfg.train.beta1, cfg.train.beta2))
+        spec = StageSpec("tower", stage.steps, offset, stage.lr, stage.warmup_steps, 0.1, cfg.train.grad_clip)
+        tower_context = LoopContext(**{**context.__dict__, "ckpt_every": 0, "on_sample": None})
+        info = run_stage(spec, pretrainer, optimizer, source, tower_loss, summarize_tower, tower_context)
+        log.info("stage 0: tower per-patch accuracy %s", {k: round(v, 3) for k, v in info.items() if k.startswith("acc")})
+        if stage.cache:
+            save_cached_tower(folder, model.vision, info)
+    job.completed.append("tower")
+    state = {"stage": "tower", "stage_step": stage.steps, "step": offset + stage.steps, "data": {}}
+    state.update(context.checkpoint_state())
+    save_checkpoint(context.run_dir / "checkpoints", "tower", model, None, state)
+
+
+def _run_lm_stage(
+    spec: StageSpec, trainable: list[str], batch_size: int, samples: list[Sample], cfg: JobConfig, model: VLM,
+    encoder: ChatEncoder, processor: ImageProcessor, job: JobState, context: LoopContext, device: torch.device,
+) -> None:
+    if spec.name in job.completed:
+        return
+    if not samples:
+        raise ValueError(f"stage {spec.name} has no training samples (check train.align.skills and data.world.skills)")
+    dataset = SFTDataset(samples, encoder, processor, cache_images=cfg.data.image_cache)
+    stage_seed = cfg.train.seed * len(STAGES) + STAGES.index(spec.name)
+    source = PackedSteps(dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, stage_seed, device)
+    optimizer = build_optimizer(model, trainable, spec.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2))
+    start = 0
+    resume = job.resume_point(spec.name)
+    if resume is not None:
+        load_optimizer_state(resume.path, optimizer)
+        source.load_state_dict(resume.state["data"])
+        start = resume.state["stage_step"]
+    if start < spec.steps:
+        run_stage(spec, model, optimizer, source, lm_loss, summarize_lm, context, start_step=start)
+    job.completed.append(spec.name)
+
+
+def _world_samples_for(samples: list[Sample], skills: list[str]) -> list[Sample]:
+    if not skills:
+        return samples
+    wanted = set(skills)
+    return [s for s in samples if s.skill in wanted]
+
+
+def _sample_logger(model, eval_samples, encoder, processor, logger: MetricsLogger, device):
+    """TensorBoard hook: one held-out example per skill, the image and the model's answer."""
+    picked: dict[str, Sample] = {}
+    for sample in eval_samples:
+        if sample.image_paths and (sample.skill or "all") not in picked:
+            picked[sample.skill or "all"] = sample
+    if not picked:
+        return None
+    chosen = list(picked.values())
+
+    def log_samples(step: int) -> None:
+        answers = answer_questions(model, chosen, encoder, processor, max_new_tokens=72, batch_size=len(chosen), device=device)
+        images = np.stack([processor.load_uint8(s.image_paths[0]).permute(1, 2, 0).numpy() for s in chosen])
+        texts = [
+            f"**{s.skill}** {s.turns[-2].text.replace('<image>', '').strip()} → `{a}` (reference `{s.turns[-1].text}`)"
+            for s, a in zip(chosen, answers)
+        ]
+        logger.log_samples(step, images, texts)
+
+    return log_samples
