@@ -40,7 +40,7 @@ def build_prompt(sample: Sample, encoder: ChatEncoder, processor: ImageProcessor
 
 def answer_questions(
     model: nn.Module, samples: Sequence[Sample], encoder: ChatEncoder, processor: ImageProcessor,
-    max_new_tokens: int, batch_size: int, device: torch.device, show_progress: bool = False,
+    max_new_tokens: int, batch_size: int, show_progress: bool = False,
 ) -> list[str]:
     """Greedy answers to the last question of each sample, in order."""
     tokenizer = encoder.tokenizer
@@ -49,7 +49,7 @@ def answer_questions(
     model.eval()
     chunks = range(0, len(samples), batch_size)
     for start in tqdm(chunks, desc="    eval", disable=not show_progress, leave=False):
-        prompts = [build_prompt(s, encoder, processor).to(device) for s in samples[start : start + batch_size]]
+        prompts = [build_prompt(s, encoder, processor) for s in samples[start : start + batch_size]]  # prefill moves them to the model's device
         outputs = greedy_generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_token_id, batch_size=batch_size)
         answers += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
     model.train(was_training)
@@ -58,7 +58,7 @@ def answer_questions(
 
 def evaluate(
     model: nn.Module, samples: Sequence[Sample], encoder: ChatEncoder, processor: ImageProcessor,
-    scorer: Scorer, chance: dict[str, float], cfg: EvalConfig, device: torch.device, show_progress: bool = True,
+    scorer: Scorer, chance: dict[str, float], cfg: EvalConfig, show_progress: bool = True,
 ) -> EvalReport:
     """Score ``model`` on ``samples``; ``overall`` is the mean over skills (each skill weighs the same)."""
     by_skill: dict[str, list[Sample]] = defaultdict(list)
@@ -69,7 +69,7 @@ def evaluate(
     # Skill by skill: answers within a skill have similar lengths, so decode batches finish together.
     ordered = [sample for skill in sorted(by_skill) for sample in by_skill[skill]]
     answers = answer_questions(
-        model, ordered, encoder, processor, cfg.max_new_tokens, cfg.batch_size, device, show_progress
+        model, ordered, encoder, processor, cfg.max_new_tokens, cfg.batch_size, show_progress
     )
     scores: dict[str, list[float]] = defaultdict(list)
     examples = []

@@ -13,6 +13,7 @@ class VisionConfig:
     """A ViT: patch embedding, learned positions, pre-norm blocks. P = (image_size / patch_size)^2 tokens."""
 
     image_size: int = 48  # model input side in pixels; the data path resizes images to this
+    channels: int = 3  # C of the input images (RGB)
     patch_size: int = 16  # 48 / 16 = a 3x3 patch grid, one patch per cell of the world's 3x3 layout
     dim: int = 128  # D_v
     layers: int = 4
@@ -21,6 +22,13 @@ class VisionConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "channels", "patch_size", "dim", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.vision.{name}={getattr(self, name)} must be a positive integer")
+        if not self.mlp_ratio > 0 or not self.norm_eps > 0:
+            raise ValueError(
+                f"model.vision.mlp_ratio={self.mlp_ratio} and norm_eps={self.norm_eps} must both be positive"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"model.vision.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
@@ -58,10 +66,21 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        for name in ("dim", "layers", "heads", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
         if self.projector_hidden is None:
             self.projector_hidden = self.dim
         if self.mlp_hidden is None:
             self.mlp_hidden = 32 * -(-(8 * self.dim // 3) // 32)
+        if self.projector_hidden < 1 or self.mlp_hidden < 1:
+            raise ValueError(
+                f"model.projector_hidden={self.projector_hidden} and model.mlp_hidden={self.mlp_hidden} must be "
+                "positive (or None for the default)"
+            )
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if self.heads % self.kv_heads:
@@ -76,4 +95,5 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Dh of the decoder."""
         return self.dim // self.heads

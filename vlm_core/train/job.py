@@ -137,7 +137,7 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
     try:
         _run_tower(cfg, model, data, processor, job, context, offsets["tower"], device, show_progress)
         samples = _world_samples_for(data.train, cfg.train.align.skills)
-        sampler = _sample_logger(model, data.eval, encoder, processor, logger, device)
+        sampler = _sample_logger(model, data.eval, encoder, processor, logger)
         context.on_sample, context.sample_every = sampler, cfg.train.sample_every
         if cfg.train.align.enabled:
             align = cfg.train.align
@@ -151,11 +151,9 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
             sampler(offsets["instruct"] + train.max_steps)
         report = None
         if cfg.eval.enabled and data.eval:
-            report = evaluate(model, data.eval, encoder, processor, data.scorer, data.chance, cfg.eval, device, show_progress)
+            report = evaluate(model, data.eval, encoder, processor, data.scorer, data.chance, cfg.eval, show_progress)
             atomic_write_text(run_dir / "eval.json", json.dumps(report.to_json(), indent=1))
-            for skill, accuracy in report.skills.items():
-                logger.log(offsets["end"], "eval", {skill: accuracy})
-            logger.log(offsets["end"], "eval", {"overall": report.overall})
+            logger.log_scalars(offsets["end"], "eval", {**report.skills, "overall": report.overall})
             Console().print(render_table(report, title=f"held-out accuracy ({run_dir.name})"))
         log.info("job finished in %.1f s; run directory %s", time.perf_counter() - started, run_dir)
         return report
@@ -240,7 +238,7 @@ def _world_samples_for(samples: list[Sample], skills: list[str]) -> list[Sample]
     return [s for s in samples if s.skill in wanted]
 
 
-def _sample_logger(model, eval_samples, encoder, processor, logger: MetricsLogger, device):
+def _sample_logger(model, eval_samples, encoder, processor, logger: MetricsLogger):
     """TensorBoard hook: one held-out example per skill, the image and the model's answer."""
     picked: dict[str, Sample] = {}
     for sample in eval_samples:
@@ -251,7 +249,7 @@ def _sample_logger(model, eval_samples, encoder, processor, logger: MetricsLogge
     chosen = list(picked.values())
 
     def log_samples(step: int) -> None:
-        answers = answer_questions(model, chosen, encoder, processor, max_new_tokens=72, batch_size=len(chosen), device=device)
+        answers = answer_questions(model, chosen, encoder, processor, max_new_tokens=72, batch_size=len(chosen))
         images = np.stack([processor.load_uint8(s.image_paths[0]).permute(1, 2, 0).numpy() for s in chosen])
         texts = [
             f"**{s.skill}** {s.turns[-2].text.replace('<image>', '').strip()} → `{a}` (reference `{s.turns[-1].text}`)"

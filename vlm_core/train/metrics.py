@@ -50,6 +50,12 @@ class MetricsLogger:
             for key, value in metrics.items():
                 self._tb.add_scalar(f"{stage}/{key}", value, step)
 
+    def log_scalars(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        """TensorBoard only (e.g. held-out accuracy per skill, which eval.json already records)."""
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+
     def log_samples(self, step: int, images: np.ndarray, texts: list[str]) -> None:
         """TensorBoard: a grid of ``images`` ([N, H, W, 3] uint8) and the model's answers as markdown."""
         if self._tb is None or len(images) == 0:

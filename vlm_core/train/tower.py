@@ -61,7 +61,7 @@ class TowerSteps:
             raise ValueError("tower pretraining needs world scenes, and none were found")
         images = []
         for key in tqdm(keys, desc="  decode", disable=not show_progress, leave=False):
-            images.append(_to_uint8(processor(image_root / key)))
+            images.append(processor.load_uint8(image_root / key))
         self.images = torch.stack(images)  # [N, C, H, W] uint8
         per_head: dict[str, list[np.ndarray]] = {}
         for key in keys:
@@ -75,7 +75,7 @@ class TowerSteps:
 
     def next_step(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         index = torch.as_tensor(next(self._iter), dtype=torch.long)
-        images = _to_float(self.images[index], self.processor).to(self.device)
+        images = self.processor.normalize(self.images[index]).to(self.device)  # [B, C, H, W] float
         labels = {name: values[index].to(self.device) for name, values in self.labels.items()}
         return [(images, labels)]
 
@@ -135,11 +135,3 @@ def save_cached_tower(folder: Path, vision: VisionTower, info: dict[str, Any]) -
     save_file({k: v.detach().contiguous().cpu() for k, v in vision.state_dict().items()}, str(tmp))
     tmp.replace(folder / "vision.safetensors")
     atomic_write_text(folder / "info.json", json.dumps(info, indent=1, sort_keys=True))
-
-
-def _to_uint8(image: torch.Tensor) -> torch.Tensor:
-    return image  # replaced below once the processor's normalisation is known
-
-
-def _to_float(images: torch.Tensor, processor: ImageProcessor) -> torch.Tensor:
-    return images

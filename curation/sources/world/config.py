@@ -65,6 +65,14 @@ class WorldConfig:
                 f"data.world.max_objects={self.max_objects} does not fit a {self.grid}x{self.grid} grid "
                 f"(at most {self.grid * self.grid - 1}: one cell is kept free for a word)"
             )
+        n_pairs = len(set(self.colors)) * len(set(self.shapes))
+        if self.max_objects >= n_pairs:
+            # Every shape of a scene has its own (colour, shape) pair, so "the red circle" is unambiguous,
+            # and existence questions need at least one pair that is absent from the scene.
+            raise ValueError(
+                f"data.world.max_objects={self.max_objects} needs more than {self.max_objects} (colour, shape) "
+                f"pairs, but colors x shapes gives {n_pairs}; add colours or shapes, or lower max_objects"
+            )
         if not 0.0 <= self.word_prob <= 1.0:
             raise ValueError(f"data.world.word_prob={self.word_prob} must be in [0, 1]")
         if self.train_per_skill < 0 or self.eval_per_skill < 0 or self.turns_per_record < 1:
