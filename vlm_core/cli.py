@@ -20,7 +20,23 @@ T = TypeVar("T")
 
 def register_configs() -> None:
     """Register the schema that ``conf/config.yaml`` names first in its defaults list."""
-    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    schema = OmegaConf.structured(JobConfig)
+    _unresolve_derived(schema)
+    ConfigStore.instance().store(name="job_schema", node=schema)
+
+
+def _unresolve_derived(node: DictConfig) -> None:
+    """Reset fields a dataclass derives in ``__post_init__`` (its ``DERIVED_FIELDS``) back to None.
+
+    Building the schema instantiates the default dataclasses, which resolves e.g. ``model.mlp_hidden``
+    from the default ``model.dim``; left in place, that value would survive an override of ``model.dim``.
+    """
+    for name in getattr(OmegaConf.get_type(node), "DERIVED_FIELDS", ()):
+        node[name] = None
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) is not dict:
+            _unresolve_derived(child)
 
 
 def to_job_config(cfg: DictConfig) -> JobConfig:

@@ -112,6 +112,9 @@ class TrainConfig:
     beta2: float = 0.98
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     trainable: list[str] = field(default_factory=lambda: ["projector", "decoder"])
+    loss_per_sample: bool = False  # weigh samples equally (else tokens; see vlm_core.train.lm.lm_loss)
+    curriculum_steps: int = 0  # steps over which the cap on objects per scene rises to the hardest; 0 = none
+    curriculum_start: int = 1  # the cap at the first step (samples without meta.n_objects are always eligible)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     threads: Optional[int] = None  # torch CPU threads; None = all cores
@@ -128,6 +131,10 @@ class TrainConfig:
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}"
+            )
+        if not 0 <= self.curriculum_steps <= self.max_steps:
+            raise ValueError(
+                f"train.curriculum_steps={self.curriculum_steps} must be in [0, train.max_steps={self.max_steps}]"
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")

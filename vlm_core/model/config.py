@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 ATTN_IMPLS: tuple[str, ...] = ("reference",)  # kernels (sdpa, flex, triton, ...) register here as they land
 
@@ -50,6 +50,10 @@ class VisionConfig:
 @dataclass
 class ModelConfig:
     """A LLaVA-style VLM: ViT → MLP projector (GELU) → decoder (RMSNorm, RoPE, SwiGLU, GQA)."""
+
+    # Resolved from other fields in __post_init__; the Hydra schema keeps them None so overrides of
+    # ``dim`` still move them (vlm_core.cli resets them after building the schema's defaults).
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("projector_hidden", "mlp_hidden")
 
     name: str = "tiny"
     vision: VisionConfig = field(default_factory=VisionConfig)

@@ -7,6 +7,7 @@ a killed run stopped: the remaining steps see the same batches and produce the s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from vlm_core.train.loop import LoopContext, StageSpec, run_stage
 from vlm_core.train.metrics import MetricsLogger
 from vlm_core.train.optim import build_optimizer
 from vlm_core.train.tower import (
-    TowerSteps, build_pretrainer, load_cached_tower, save_cached_tower, summarize_tower, tower_cache_key, tower_loss,
+    TowerSteps, build_pretrainer, load_cached_tower, save_cached_tower, summarize_tower, tower_accuracy,
+    tower_cache_key, tower_loss,
 )
 from vlm_core.types import EvalReport, Sample
 
@@ -146,7 +148,8 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
         train = cfg.train
         spec = StageSpec("instruct", train.max_steps, offsets["instruct"], train.lr, train.warmup_steps,
                          train.min_lr_ratio, train.grad_clip)
-        _run_lm_stage(spec, train.trainable, train.batch_size, data.train, cfg, model, encoder, processor, job, context, device)
+        _run_lm_stage(spec, train.trainable, train.batch_size, data.train, cfg, model, encoder, processor, job, context,
+                      device, curriculum_steps=train.curriculum_steps)
         if sampler is not None:
             sampler(offsets["instruct"] + train.max_steps)
         report = None
@@ -189,9 +192,8 @@ def _run_tower(
     else:
         pretrainer = build_pretrainer(model.vision, cfg.data.world, cfg.model.vision).to(device)
         root = data.world.image_root.resolve()
-        keys = sorted({p.resolve().relative_to(root).as_posix() for s in data.train for p in s.image_paths})
         source = TowerSteps(
-            {k: data.scenes[k] for k in keys}, root, cfg.data.world, cfg.model.vision, processor,
+            {k: data.scenes[k] for k in _image_keys(data.train, root)}, root, cfg.data.world, cfg.model.vision, processor,
             stage.batch_size, cfg.train.seed, device, show_progress,
         )
         optimizer = build_optimizer(pretrainer, ["vision", "heads"], stage.lr, stage.weight_decay,
@@ -199,7 +201,15 @@ def _run_tower(
         spec = StageSpec("tower", stage.steps, offset, stage.lr, stage.warmup_steps, 0.1, cfg.train.grad_clip)
         tower_context = LoopContext(**{**context.__dict__, "ckpt_every": 0, "on_sample": None})
         info = run_stage(spec, pretrainer, optimizer, source, tower_loss, summarize_tower, tower_context)
-        log.info("stage 0: tower per-patch accuracy %s", {k: round(v, 3) for k, v in info.items() if k.startswith("acc")})
+        eval_keys = _image_keys(data.eval, root)
+        if eval_keys:
+            held_out = TowerSteps(
+                {k: data.scenes[k] for k in eval_keys}, root, cfg.data.world, cfg.model.vision, processor,
+                stage.batch_size, cfg.train.seed, device, show_progress,
+            )
+            info.update(tower_accuracy(pretrainer, held_out))
+            context.logger.log_scalars(offset + stage.steps, "tower", info)
+        log.info("stage 0: tower per-patch accuracy %s", {k: round(v, 3) for k, v in info.items() if "acc" in k})
         if stage.cache:
             save_cached_tower(folder, model.vision, info)
     job.completed.append("tower")
@@ -211,6 +221,7 @@ def _run_tower(
 def _run_lm_stage(
     spec: StageSpec, trainable: list[str], batch_size: int, samples: list[Sample], cfg: JobConfig, model: VLM,
     encoder: ChatEncoder, processor: ImageProcessor, job: JobState, context: LoopContext, device: torch.device,
+    curriculum_steps: int = 0,
 ) -> None:
     if spec.name in job.completed:
         return
@@ -218,7 +229,10 @@ def _run_lm_stage(
         raise ValueError(f"stage {spec.name} has no training samples (check train.align.skills and data.world.skills)")
     dataset = SFTDataset(samples, encoder, processor, cache_images=cfg.data.image_cache)
     stage_seed = cfg.train.seed * len(STAGES) + STAGES.index(spec.name)
-    source = PackedSteps(dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, stage_seed, device)
+    source = PackedSteps(
+        dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, stage_seed, device,
+        curriculum_steps=curriculum_steps, curriculum_start=cfg.train.curriculum_start,
+    )
     optimizer = build_optimizer(model, trainable, spec.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2))
     start = 0
     resume = job.resume_point(spec.name)
@@ -227,8 +241,14 @@ def _run_lm_stage(
         source.load_state_dict(resume.state["data"])
         start = resume.state["stage_step"]
     if start < spec.steps:
-        run_stage(spec, model, optimizer, source, lm_loss, summarize_lm, context, start_step=start)
+        loss_fn = functools.partial(lm_loss, per_sample=cfg.train.loss_per_sample)
+        run_stage(spec, model, optimizer, source, loss_fn, summarize_lm, context, start_step=start)
     job.completed.append(spec.name)
+
+
+def _image_keys(samples: list[Sample], root: Path) -> list[str]:
+    """The distinct images of ``samples`` as paths relative to the world's image root (the scene keys)."""
+    return sorted({path.resolve().relative_to(root).as_posix() for s in samples for path in s.image_paths})
 
 
 def _world_samples_for(samples: list[Sample], skills: list[str]) -> list[Sample]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_core.data.curriculum import CurriculumStream, sample_difficulty
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.packing import PackedLoader, SampleStream
 from vlm_core.train.loop import StepOutput
@@ -15,15 +16,25 @@ from vlm_core.types import IGNORE_INDEX, PackedBatch
 
 
 class PackedSteps:
-    """``grad_accum`` packed micro-batches per optimizer step, from a resumable sample stream."""
+    """``grad_accum`` packed micro-batches per optimizer step, from a resumable sample stream.
+
+    With ``curriculum_steps`` > 0 the first steps draw only from samples whose ``meta.n_objects`` is under
+    a rising cap (:class:`CurriculumStream`); afterwards, and without a curriculum, every epoch is a
+    fresh permutation of the dataset.
+    """
 
     def __init__(
         self, dataset: SFTDataset, batch_size: int, grad_accum: int, row_len: int, seed: int,
-        device: torch.device,
+        device: torch.device, curriculum_steps: int = 0, curriculum_start: int = 1,
     ) -> None:
         self.grad_accum = grad_accum
         self.device = device
-        stream = SampleStream(len(dataset), batch_size // grad_accum, seed)
+        micro_batch = batch_size // grad_accum
+        if curriculum_steps:
+            difficulty = sample_difficulty(dataset.samples)
+            stream = CurriculumStream(difficulty, micro_batch, seed, curriculum_start, curriculum_steps * grad_accum)
+        else:
+            stream = SampleStream(len(dataset), micro_batch, seed)
         self.loader = PackedLoader(dataset, stream, row_len)
         self._iter = iter(self.loader)
 
@@ -38,13 +49,31 @@ class PackedSteps:
         self._iter = iter(self.loader)
 
 
-def lm_loss(model: nn.Module, batch: PackedBatch) -> StepOutput:
-    """Summed next-token cross-entropy over the assistant tokens (labels were shifted by the packer)."""
-    logits = model(batch)  # [total, V]
-    loss_sum = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    units = int((batch.labels != IGNORE_INDEX).sum())
+def lm_loss(model: nn.Module, batch: PackedBatch, per_sample: bool = False) -> StepOutput:
+    """Next-token cross-entropy over the assistant tokens (labels were shifted by the packer), summed.
+
+    ``per_sample=False`` weighs every supervised token the same (LLaVA's convention); the loop divides
+    by the step's token count. ``per_sample=True`` weighs every sample the same: a token's loss is
+    divided by its sample's number of supervised tokens and the loop divides by the sample count. On the
+    world, a 6-object caption has ~50 answer tokens and a colour question 2, so by tokens the captions
+    carry half of the gradient; by samples each skill carries its share of the data.
+
+    Only the rows that carry a label go through the LM head: on the world's data that is ~15% of the
+    packed tokens, and the [total, V] logits of the rest would be computed only to be ignored.
+    """
+    hidden = model.hidden_states(batch)  # [total, D]
+    supervised = batch.labels != IGNORE_INDEX  # [total]
+    logits = model.decoder.logits(hidden[supervised])  # [n_labels, V]
+    token_loss = F.cross_entropy(logits.float(), batch.labels[supervised], reduction="none")  # [n_labels]
     stats = {"tokens": batch.num_real_tokens, "slots": batch.total, "samples": batch.num_samples}
-    return StepOutput(loss_sum, units, stats)
+    if not per_sample:
+        return StepOutput(token_loss.sum(), int(supervised.sum()), stats)
+    seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # [n_segments]
+    segment = torch.repeat_interleave(torch.arange(len(seqlens), device=seqlens.device), seqlens)  # [total]
+    owner = segment[supervised]  # [n_labels]: the segment (sample) of each supervised token
+    per_segment = torch.bincount(owner, minlength=len(seqlens)).to(token_loss.dtype)  # [n_segments]
+    loss_sum = (token_loss / per_segment[owner]).sum()
+    return StepOutput(loss_sum, int((per_segment > 0).sum()), stats)
 
 
 def summarize_lm(window: dict[str, float]) -> dict[str, float]:

@@ -87,6 +87,25 @@ class TowerSteps:
         self._iter = iter(self.stream)
 
 
+@torch.no_grad()
+def tower_accuracy(model: TowerPretrainer, source: TowerSteps, batch_size: int = 512) -> dict[str, float]:
+    """Per-head accuracy over every image of ``source`` (e.g. the held-out split), in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct: dict[str, float] = {}
+    for start in range(0, len(source.images), batch_size):
+        images = source.processor.normalize(source.images[start : start + batch_size]).to(source.device)
+        logits = model(images)
+        for name, values in logits.items():
+            labels = source.labels[name][start : start + batch_size].to(source.device)
+            correct[name] = correct.get(name, 0.0) + float((values.argmax(-1) == labels).sum())
+    model.train(was_training)
+    patches = source.labels[next(iter(source.labels))].numel()
+    accuracy = {f"heldout_acc_{name}": value / patches for name, value in correct.items()}
+    accuracy["heldout_acc"] = sum(accuracy.values()) / len(accuracy)
+    return accuracy
+
+
 def tower_loss(model: nn.Module, batch: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> StepOutput:
     images, labels = batch
     loss, accuracy = model.heads.loss(model(images), labels)

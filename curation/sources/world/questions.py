@@ -44,9 +44,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Read the word shown in the image.",
     ),
     "existence": (
-        "Is there a {color} {shape} in the image?",
-        "Does the image contain a {color} {shape}?",
-        "Can you see a {color} {shape} in the image?",
+        "Is there {article} {color} {shape} in the image?",
+        "Does the image contain {article} {color} {shape}?",
+        "Can you see {article} {color} {shape} in the image?",
     ),
     "grounding": (
         "Where is the {color} {shape}?",
@@ -213,7 +213,8 @@ def _word(candidate: _Candidate, skill: str, rng: np.random.Generator) -> Questi
     if skill == "spatial":
         text = template.format(a=f"{meta['a_color']} {meta['a_shape']}", b=f"{meta['b_color']} {meta['b_shape']}")
     else:
-        text = template.format(**meta)
+        article = "an" if str(meta.get("color", ""))[:1] in "aeiou" else "a"  # "an orange hexagon"
+        text = template.format(article=article, **meta)
     return Question(skill=skill, text=text, answer=candidate.answer, meta=dict(meta))
 
 

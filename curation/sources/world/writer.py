@@ -36,7 +36,7 @@ from curation.sources.world.scene import Scene
 
 # Bump whenever the bytes written for a given config change (rendering, questions, layout, file format),
 # so that cached worlds built by older code are not reused.
-WORLD_CODE_VERSION = 1
+WORLD_CODE_VERSION = 2
 COMPLETE_MARKER = "COMPLETE"
 # zlib level 1: 0.17 ms per 64 px PNG and ~1 KB, vs 0.33 ms and ~0.9 KB at the default level 6 (measured).
 PNG_COMPRESS_LEVEL = 1
