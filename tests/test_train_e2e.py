@@ -65,6 +65,8 @@ def test_train_writes_the_run_directory(tmp_path: Path, cache: Path) -> None:
     assert sorted(report["skills"]) == skills
     assert all(0.0 <= v <= 1.0 for v in report["skills"].values())
     assert report["chance"]["existence"] == 0.5
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8 * 3 and {"question", "answer", "reference", "score"} <= set(predictions[0])
     records = read_metrics(run_dir)
     assert {"step", "loss", "lr"} <= set(records[0])
     instruct = [r for r in records if r["stage"] == "instruct"]

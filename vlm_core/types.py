@@ -119,6 +119,7 @@ class EvalReport:
     counts: dict[str, int]
     chance: dict[str, float]
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few (question, answer, reference) rows
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # every row; written to predictions.jsonl
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -72,21 +72,26 @@ def evaluate(
         model, ordered, encoder, processor, cfg.max_new_tokens, cfg.batch_size, show_progress
     )
     scores: dict[str, list[float]] = defaultdict(list)
-    examples = []
+    predictions = []
     for sample, answer in zip(ordered, answers):
         skill = sample.skill or NO_SKILL
         score = scorer(sample, answer)
         scores[skill].append(score)
-        if len(scores[skill]) <= cfg.show_examples:
-            examples.append({
-                "id": sample.id, "skill": skill, "question": sample.turns[-2].text.replace("<image>", "").strip(),
-                "answer": answer, "reference": sample.turns[-1].text, "score": score,
-            })
+        predictions.append({
+            "id": sample.id, "skill": skill, "question": sample.turns[-2].text.replace("<image>", "").strip(),
+            "answer": answer, "reference": sample.turns[-1].text, "score": score,
+        })
+    shown: dict[str, int] = defaultdict(int)
+    examples = []
+    for row in predictions:
+        if shown[row["skill"]] < cfg.show_examples:
+            shown[row["skill"]] += 1
+            examples.append(row)
     skills = {skill: sum(v) / len(v) for skill, v in sorted(scores.items())}
     overall = sum(skills.values()) / max(1, len(skills))
     return EvalReport(
         overall=overall, skills=skills, counts={k: len(v) for k, v in sorted(scores.items())},
-        chance={k: chance.get(k, float("nan")) for k in skills}, examples=examples,
+        chance={k: chance.get(k, float("nan")) for k in skills}, examples=examples, predictions=predictions,
     )
 
 

@@ -32,7 +32,7 @@ from vlm_core.train.checkpoint import (
     save_checkpoint,
 )
 from vlm_core.train.lm import PackedSteps, lm_loss, summarize_lm
-from vlm_core.train.loop import LoopContext, StageSpec, run_stage
+from vlm_core.train.loop import LoopContext, StageSpec, run_stage, use_bf16
 from vlm_core.train.metrics import MetricsLogger
 from vlm_core.train.optim import build_optimizer
 from vlm_core.train.tower import (
@@ -112,6 +112,8 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     model = VLM(cfg.model, vocab_size=len(tokenizer), image_token_id=image_token_id).to(device)
     log.info("model %s: %s parameters", cfg.model.name, {k: f"{v:,}" for k, v in count_parameters(model).items()})
+    log.info("device %s, %s matmuls (train.precision=%s)", device,
+             "bf16" if use_bf16(cfg.train.precision, device) else "fp32", cfg.train.precision)
     atomic_write_text(run_dir / "tokenizer_path.txt", str(data.tokenizer_dir) + "\n")
 
     job = JobState()
@@ -131,7 +133,8 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
         }
 
     context = LoopContext(
-        run_dir=run_dir, logger=logger, device=device, log_every=cfg.train.log_every,
+        run_dir=run_dir, logger=logger, device=device, bf16=use_bf16(cfg.train.precision, device),
+        log_every=cfg.train.log_every,
         ckpt_every=cfg.train.ckpt_every, keep_checkpoints=cfg.train.keep_checkpoints,
         checkpoint_state=checkpoint_state, show_progress=show_progress,
     )
@@ -156,6 +159,7 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
         if cfg.eval.enabled and data.eval:
             report = evaluate(model, data.eval, encoder, processor, data.scorer, data.chance, cfg.eval, show_progress)
             atomic_write_text(run_dir / "eval.json", json.dumps(report.to_json(), indent=1))
+            atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in report.predictions))
             logger.log_scalars(offsets["end"], "eval", {**report.skills, "overall": report.overall})
             Console().print(render_table(report, title=f"held-out accuracy ({run_dir.name})"))
         log.info("job finished in %.1f s; run directory %s", time.perf_counter() - started, run_dir)

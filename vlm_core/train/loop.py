@@ -71,6 +71,7 @@ class LoopContext:
     run_dir: Path
     logger: MetricsLogger
     device: torch.device
+    bf16: bool  # autocast matmuls to bf16 (see use_bf16)
     log_every: int
     ckpt_every: int  # 0 = this stage writes no step checkpoints (its caller saves the result)
     keep_checkpoints: int
@@ -80,10 +81,23 @@ class LoopContext:
     show_progress: bool = True
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (weights and optimizer stay fp32); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve ``train.precision``: "auto" is bf16 on CUDA, and on CPUs whose oneDNN has native bf16.
+
+    On an AVX512-BF16 CPU (AMD Zen 4 here) a tiny-model training step took 0.09 s in bf16 against
+    0.17 s in fp32; on CPUs without it bf16 is emulated and slower, so "auto" keeps fp32 there.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return True
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return precision == "bf16"
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for matmuls (weights, gradients and optimizer state stay fp32), or nothing."""
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -114,7 +128,7 @@ def run_stage(
         total_units = 0
         stats: dict[str, float] = {"loss_sum": 0.0}
         for micro in source.next_step():
-            with autocast(context.device):
+            with autocast(context.device, context.bf16):
                 out = loss_fn(model, micro)
             out.loss_sum.backward()
             total_units += out.units

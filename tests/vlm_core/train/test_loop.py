@@ -55,7 +55,7 @@ def train(parts: int, tmp_path: Path) -> tuple[nn.Module, list[dict]]:
     run_dir = tmp_path / f"parts{parts}"
     logger = MetricsLogger(run_dir, tensorboard=False)
     context = LoopContext(
-        run_dir=run_dir, logger=logger, device=torch.device("cpu"), log_every=2, ckpt_every=4,
+        run_dir=run_dir, logger=logger, device=torch.device("cpu"), bf16=False, log_every=2, ckpt_every=4,
         keep_checkpoints=1, checkpoint_state=lambda: {"completed_stages": []}, show_progress=False,
     )
     spec = StageSpec("toy", steps=8, step_offset=100, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, grad_clip=1.0)
