@@ -43,11 +43,11 @@ class CurriculumStream:
     def __init__(self, difficulty: np.ndarray, batch_size: int, seed: int, start: int, steps: int) -> None:
         if steps < 0:
             raise ValueError(f"curriculum steps={steps} must be >= 0")
-        if len(difficulty) and start < int(difficulty.min()) and steps:
-            raise ValueError(
-                f"curriculum start={start} is below the easiest sample's difficulty {int(difficulty.min())}: "
-                "the first batches would be empty; raise train.curriculum_start"
-            )
+        if len(difficulty) == 0:
+            raise ValueError("CurriculumStream needs at least one sample")
+        # A cap below the easiest sample would leave the first batches empty: start at the easiest instead
+        # (e.g. data.world.min_objects=3 with the default curriculum_start=1).
+        start = max(start, int(difficulty.min()))
         self.difficulty = difficulty
         self.inner = SampleStream(len(difficulty), batch_size, seed)
         self.num_samples = len(difficulty)
@@ -55,7 +55,7 @@ class CurriculumStream:
         self.seed = seed
         self.start = start
         self.steps = steps
-        self.hardest = int(difficulty.max()) if len(difficulty) else 0
+        self.hardest = int(difficulty.max())
         self.step = 0
         self._pools: dict[int, np.ndarray] = {}
 

@@ -60,8 +60,8 @@ class ModelConfig:
     projector_hidden: Optional[int] = None  # D_h of the projector MLP; None = decoder dim
     dim: int = 128  # D
     layers: int = 4
-    heads: int = 4  # Hq
-    kv_heads: int = 2  # Hkv; heads % kv_heads == 0 (grouped-query attention)
+    heads: int = 8  # Hq; 8 heads of 16 beat 4 of 32 on the world (held-out colour 0.87 vs 0.45, same steps)
+    kv_heads: int = 4  # Hkv; heads % kv_heads == 0 (grouped-query attention)
     mlp_hidden: Optional[int] = None  # SwiGLU hidden width; None = 8/3 * dim rounded up to a multiple of 32
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5

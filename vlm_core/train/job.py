@@ -32,7 +32,8 @@ from vlm_core.train.checkpoint import (
     save_checkpoint,
 )
 from vlm_core.train.lm import PackedSteps, lm_loss, summarize_lm
-from vlm_core.train.loop import LoopContext, StageSpec, run_stage, use_bf16
+from vlm_core.train.align_words import cell_word_loss, summarize_cell_words, word_token_table
+from vlm_core.train.loop import BatchSource, LoopContext, LossFn, StageSpec, Summarize, run_stage, use_bf16
 from vlm_core.train.metrics import MetricsLogger
 from vlm_core.train.optim import build_optimizer
 from vlm_core.train.tower import (
@@ -140,19 +141,26 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
     )
     offsets = _stage_offsets(cfg)
     try:
-        _run_tower(cfg, model, data, processor, job, context, offsets["tower"], device, show_progress)
-        samples = _world_samples_for(data.train, cfg.train.align.skills)
+        cells = _CellData(cfg, data, processor, device, show_progress)
+        _run_tower(cfg, model, data, cells, job, context, offsets["tower"], device)
         sampler = _sample_logger(model, data.eval, encoder, processor, logger)
         context.on_sample, context.sample_every = sampler, cfg.train.sample_every
-        if cfg.train.align.enabled:
-            align = cfg.train.align
+        align = cfg.train.align
+        if align.enabled and align.objective == "cell_words":
             spec = StageSpec("align", align.steps, offsets["align"], align.lr, align.warmup_steps, 1.0, cfg.train.grad_clip)
+            if "align" not in job.completed:
+                source = cells.source("train", align.batch_size)
+                loss_fn = functools.partial(cell_word_loss, table=word_token_table(cfg.data.world, tokenizer))
+                _run_on_model(spec, align.trainable, source, loss_fn, summarize_cell_words, cfg, model, job, context)
+        elif align.enabled:
+            spec = StageSpec("align", align.steps, offsets["align"], align.lr, align.warmup_steps, 1.0, cfg.train.grad_clip)
+            samples = _world_samples_for(data.train, align.skills)
             _run_lm_stage(spec, align.trainable, align.batch_size, samples, cfg, model, encoder, processor, job, context, device)
         train = cfg.train
         spec = StageSpec("instruct", train.max_steps, offsets["instruct"], train.lr, train.warmup_steps,
                          train.min_lr_ratio, train.grad_clip)
         _run_lm_stage(spec, train.trainable, train.batch_size, data.train, cfg, model, encoder, processor, job, context,
-                      device, curriculum_steps=train.curriculum_steps)
+                      device, curriculum_steps=round(train.curriculum_fraction * train.max_steps))
         if sampler is not None:
             sampler(offsets["instruct"] + train.max_steps)
         report = None
@@ -175,9 +183,34 @@ def _stage_offsets(cfg: JobConfig) -> dict[str, int]:
     return {"tower": 0, "align": tower, "instruct": tower + align, "end": tower + align + cfg.train.max_steps}
 
 
+class _CellData:
+    """The world's images with per-patch labels, decoded once and shared by stage 0 and stage 1."""
+
+    def __init__(self, cfg: JobConfig, data: PreparedData, processor: ImageProcessor, device: torch.device,
+                 show_progress: bool) -> None:
+        self.cfg, self.data, self.processor, self.device, self.show_progress = cfg, data, processor, device, show_progress
+        self._sources: dict[tuple[str, int], TowerSteps] = {}
+
+    def source(self, split: str, batch_size: int) -> TowerSteps:
+        if self.data.world is None:
+            raise ValueError(
+                "train.tower and train.align.objective=cell_words learn from the built-in world's scene graphs, but "
+                "data.source is not world; set train.tower.enabled=false and train.align.objective=captions"
+            )
+        key = (split, batch_size)
+        if key not in self._sources:
+            root = self.data.world.image_root.resolve()
+            samples = self.data.train if split == "train" else self.data.eval
+            self._sources[key] = TowerSteps(
+                {k: self.data.scenes[k] for k in _image_keys(samples, root)}, root, self.cfg.data.world,
+                self.cfg.model.vision, self.processor, batch_size, self.cfg.train.seed, self.device, self.show_progress,
+            )
+        return self._sources[key]
+
+
 def _run_tower(
-    cfg: JobConfig, model: VLM, data: PreparedData, processor: ImageProcessor, job: JobState, context: LoopContext,
-    offset: int, device: torch.device, show_progress: bool,
+    cfg: JobConfig, model: VLM, data: PreparedData, cells: _CellData, job: JobState, context: LoopContext,
+    offset: int, device: torch.device,
 ) -> None:
     stage = cfg.train.tower
     if not stage.enabled or "tower" in job.completed:
@@ -195,23 +228,14 @@ def _run_tower(
         log.info("stage 0: reusing the pretrained tower in %s (per-patch accuracy %.3f)", folder, info["acc"])
     else:
         pretrainer = build_pretrainer(model.vision, cfg.data.world, cfg.model.vision).to(device)
-        root = data.world.image_root.resolve()
-        source = TowerSteps(
-            {k: data.scenes[k] for k in _image_keys(data.train, root)}, root, cfg.data.world, cfg.model.vision, processor,
-            stage.batch_size, cfg.train.seed, device, show_progress,
-        )
+        source = cells.source("train", stage.batch_size)
         optimizer = build_optimizer(pretrainer, ["vision", "heads"], stage.lr, stage.weight_decay,
                                     (cfg.train.beta1, cfg.train.beta2))
         spec = StageSpec("tower", stage.steps, offset, stage.lr, stage.warmup_steps, 0.1, cfg.train.grad_clip)
         tower_context = LoopContext(**{**context.__dict__, "ckpt_every": 0, "on_sample": None})
         info = run_stage(spec, pretrainer, optimizer, source, tower_loss, summarize_tower, tower_context)
-        eval_keys = _image_keys(data.eval, root)
-        if eval_keys:
-            held_out = TowerSteps(
-                {k: data.scenes[k] for k in eval_keys}, root, cfg.data.world, cfg.model.vision, processor,
-                stage.batch_size, cfg.train.seed, device, show_progress,
-            )
-            info.update(tower_accuracy(pretrainer, held_out))
+        if data.eval:
+            info.update(tower_accuracy(pretrainer, cells.source("eval", stage.batch_size)))
             context.logger.log_scalars(offset + stage.steps, "tower", info)
         log.info("stage 0: tower per-patch accuracy %s", {k: round(v, 3) for k, v in info.items() if "acc" in k})
         if stage.cache:
@@ -237,6 +261,15 @@ def _run_lm_stage(
         dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, stage_seed, device,
         curriculum_steps=curriculum_steps, curriculum_start=cfg.train.curriculum_start,
     )
+    loss_fn = functools.partial(lm_loss, per_sample=cfg.train.loss_per_sample)
+    _run_on_model(spec, trainable, source, loss_fn, summarize_lm, cfg, model, job, context)
+
+
+def _run_on_model(
+    spec: StageSpec, trainable: list[str], source: BatchSource, loss_fn: LossFn, summarize: Summarize,
+    cfg: JobConfig, model: VLM, job: JobState, context: LoopContext,
+) -> None:
+    """Train ``trainable`` parts of the VLM for one stage, continuing from the checkpoint if resumed in it."""
     optimizer = build_optimizer(model, trainable, spec.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2))
     start = 0
     resume = job.resume_point(spec.name)
@@ -245,8 +278,7 @@ def _run_lm_stage(
         source.load_state_dict(resume.state["data"])
         start = resume.state["stage_step"]
     if start < spec.steps:
-        loss_fn = functools.partial(lm_loss, per_sample=cfg.train.loss_per_sample)
-        run_stage(spec, model, optimizer, source, loss_fn, summarize_lm, context, start_step=start)
+        run_stage(spec, model, optimizer, source, loss_fn, summarize, context, start_step=start)
     job.completed.append(spec.name)
 
 

@@ -48,9 +48,10 @@ def test_small_pool_draws_with_replacement() -> None:
     assert batch == [0, 0, 0, 0]
 
 
-def test_start_below_easiest_sample_is_an_error() -> None:
-    with pytest.raises(ValueError, match="curriculum_start"):
-        CurriculumStream(np.array([3, 4, 5]), 2, seed=0, start=1, steps=5)
+def test_start_below_easiest_sample_starts_at_the_easiest() -> None:
+    stream = CurriculumStream(np.array([3, 4, 5, 3]), 2, seed=0, start=1, steps=6)
+    assert stream.cap(0) == 3
+    assert set(next(stream)) <= {0, 3}
 
 
 def test_sample_difficulty_reads_meta() -> None:
