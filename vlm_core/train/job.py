@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,7 +142,7 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
     try:
         cells = _CellData(cfg, data, processor, device, show_progress)
         _run_tower(cfg, model, data, cells, job, context, offsets["tower"], device)
-        sampler = _sample_logger(model, data.eval, encoder, processor, logger)
+        sampler = _sample_logger(model, data.eval, encoder, processor, logger, cfg.eval.max_new_tokens)
         context.on_sample, context.sample_every = sampler, cfg.train.sample_every
         align = cfg.train.align
         if align.enabled and align.objective == "cell_words":
@@ -294,7 +293,10 @@ def _world_samples_for(samples: list[Sample], skills: list[str]) -> list[Sample]
     return [s for s in samples if s.skill in wanted]
 
 
-def _sample_logger(model, eval_samples, encoder, processor, logger: MetricsLogger):
+def _sample_logger(
+    model: VLM, eval_samples: list[Sample], encoder: ChatEncoder, processor: ImageProcessor, logger: MetricsLogger,
+    max_new_tokens: int,
+):
     """TensorBoard hook: one held-out example per skill, the image and the model's answer."""
     picked: dict[str, Sample] = {}
     for sample in eval_samples:
@@ -305,7 +307,7 @@ def _sample_logger(model, eval_samples, encoder, processor, logger: MetricsLogge
     chosen = list(picked.values())
 
     def log_samples(step: int) -> None:
-        answers = answer_questions(model, chosen, encoder, processor, max_new_tokens=72, batch_size=len(chosen))
+        answers = answer_questions(model, chosen, encoder, processor, max_new_tokens, batch_size=len(chosen))
         images = np.stack([processor.load_uint8(s.image_paths[0]).permute(1, 2, 0).numpy() for s in chosen])
         texts = [
             f"**{s.skill}** {s.turns[-2].text.replace('<image>', '').strip()} → `{a}` (reference `{s.turns[-1].text}`)"
