@@ -114,11 +114,11 @@ class AlignStageConfig:
 class TrainConfig:
     """Stage 2 (instruction tuning) hyper-parameters, shared run settings, and the earlier stages."""
 
-    max_steps: int = 2600  # instruction-tuning optimizer steps (~7 min on 2 CPU cores with bf16)
+    max_steps: int = 2800  # instruction-tuning optimizer steps (~8 min on 2 CPU cores with bf16)
     batch_size: int = 64  # samples per optimizer step, summed over gradient-accumulation micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size must divide evenly
     lr: float = 2e-3  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.3  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup, then cosine
     weight_decay: float = 0.0  # applied to matrices only, never to norms, biases or embeddings
     beta1: float = 0.9
@@ -126,7 +126,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     trainable: list[str] = field(default_factory=lambda: ["projector", "decoder"])
     loss_per_sample: bool = True  # weigh samples equally (else tokens; see vlm_core.train.lm.lm_loss)
-    curriculum_fraction: float = 0.67  # share of max_steps over which the cap on objects per scene rises; 0 = none
+    curriculum_fraction: float = 0.5  # share of max_steps over which the cap on objects per scene rises; 0 = none
     curriculum_start: int = 1  # the cap at the first step (samples without meta.n_objects are always eligible)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
