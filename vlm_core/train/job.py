@@ -145,14 +145,13 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
         sampler = _sample_logger(model, data.eval, encoder, processor, logger, cfg.eval.max_new_tokens)
         context.on_sample, context.sample_every = sampler, cfg.train.sample_every
         align = cfg.train.align
+        spec = StageSpec("align", align.steps, offsets["align"], align.lr, align.warmup_steps, 1.0, cfg.train.grad_clip)
         if align.enabled and align.objective == "cell_words":
-            spec = StageSpec("align", align.steps, offsets["align"], align.lr, align.warmup_steps, 1.0, cfg.train.grad_clip)
             if "align" not in job.completed:
-                source = cells.source("train", align.batch_size)
+                source = cells.source("train", align.batch_size, "align")
                 loss_fn = functools.partial(cell_word_loss, table=word_token_table(cfg.data.world, tokenizer))
                 _run_on_model(spec, align.trainable, source, loss_fn, summarize_cell_words, cfg, model, job, context)
         elif align.enabled:
-            spec = StageSpec("align", align.steps, offsets["align"], align.lr, align.warmup_steps, 1.0, cfg.train.grad_clip)
             samples = _world_samples_for(data.train, align.skills)
             _run_lm_stage(spec, align.trainable, align.batch_size, samples, cfg, model, encoder, processor, job, context, device)
         train = cfg.train
@@ -188,23 +187,23 @@ class _CellData:
     def __init__(self, cfg: JobConfig, data: PreparedData, processor: ImageProcessor, device: torch.device,
                  show_progress: bool) -> None:
         self.cfg, self.data, self.processor, self.device, self.show_progress = cfg, data, processor, device, show_progress
-        self._sources: dict[tuple[str, int], TowerSteps] = {}
+        self._decoded: dict[str, TowerSteps] = {}
 
-    def source(self, split: str, batch_size: int) -> TowerSteps:
+    def source(self, split: str, batch_size: int, stage: str) -> TowerSteps:
+        """A batch stream of ``split`` for ``stage``; images are decoded once per split."""
         if self.data.world is None:
             raise ValueError(
                 "train.tower and train.align.objective=cell_words learn from the built-in world's scene graphs, but "
                 "data.source is not world; set train.tower.enabled=false and train.align.objective=captions"
             )
-        key = (split, batch_size)
-        if key not in self._sources:
+        if split not in self._decoded:
             root = self.data.world.image_root.resolve()
             samples = self.data.train if split == "train" else self.data.eval
-            self._sources[key] = TowerSteps(
+            self._decoded[split] = TowerSteps(
                 {k: self.data.scenes[k] for k in _image_keys(samples, root)}, root, self.cfg.data.world,
                 self.cfg.model.vision, self.processor, batch_size, self.cfg.train.seed, self.device, self.show_progress,
             )
-        return self._sources[key]
+        return self._decoded[split].with_stream(batch_size, _stage_seed(self.cfg, stage))
 
 
 def _run_tower(
@@ -227,14 +226,14 @@ def _run_tower(
         log.info("stage 0: reusing the pretrained tower in %s (per-patch accuracy %.3f)", folder, info["acc"])
     else:
         pretrainer = build_pretrainer(model.vision, cfg.data.world, cfg.model.vision).to(device)
-        source = cells.source("train", stage.batch_size)
+        source = cells.source("train", stage.batch_size, "tower")
         optimizer = build_optimizer(pretrainer, ["vision", "heads"], stage.lr, stage.weight_decay,
                                     (cfg.train.beta1, cfg.train.beta2))
         spec = StageSpec("tower", stage.steps, offset, stage.lr, stage.warmup_steps, 0.1, cfg.train.grad_clip)
         tower_context = LoopContext(**{**context.__dict__, "ckpt_every": 0, "on_sample": None})
         info = run_stage(spec, pretrainer, optimizer, source, tower_loss, summarize_tower, tower_context)
         if data.eval:
-            info.update(tower_accuracy(pretrainer, cells.source("eval", stage.batch_size)))
+            info.update(tower_accuracy(pretrainer, cells.source("eval", stage.batch_size, "tower")))
             context.logger.log_scalars(offset + stage.steps, "tower", info)
         log.info("stage 0: tower per-patch accuracy %s", {k: round(v, 3) for k, v in info.items() if "acc" in k})
         if stage.cache:
@@ -255,9 +254,8 @@ def _run_lm_stage(
     if not samples:
         raise ValueError(f"stage {spec.name} has no training samples (check train.align.skills and data.world.skills)")
     dataset = SFTDataset(samples, encoder, processor, cache_images=cfg.data.image_cache)
-    stage_seed = cfg.train.seed * len(STAGES) + STAGES.index(spec.name)
     source = PackedSteps(
-        dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, stage_seed, device,
+        dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, _stage_seed(cfg, spec.name), device,
         curriculum_steps=curriculum_steps, curriculum_start=cfg.train.curriculum_start,
     )
     loss_fn = functools.partial(lm_loss, per_sample=cfg.train.loss_per_sample)
@@ -279,6 +277,11 @@ def _run_on_model(
     if start < spec.steps:
         run_stage(spec, model, optimizer, source, loss_fn, summarize, context, start_step=start)
     job.completed.append(spec.name)
+
+
+def _stage_seed(cfg: JobConfig, stage: str) -> int:
+    """Each stage draws its batches from its own seed, derived from ``train.seed``."""
+    return cfg.train.seed * len(STAGES) + STAGES.index(stage)
 
 
 def _image_keys(samples: list[Sample], root: Path) -> list[str]:

@@ -7,6 +7,7 @@ column. The heads are thrown away afterwards; the tower's features carry that in
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -72,6 +73,14 @@ class TowerSteps:
         self.device = device
         self.stream = SampleStream(len(keys), batch_size, seed)
         self._iter = iter(self.stream)
+
+    def with_stream(self, batch_size: int, seed: int) -> TowerSteps:
+        """The same decoded images and labels, drawn in a fresh order (one per stage, so that a stage's
+        batches do not depend on whether an earlier stage ran or came from the cache)."""
+        twin = copy.copy(self)
+        twin.stream = SampleStream(len(self.images), batch_size, seed)
+        twin._iter = iter(twin.stream)
+        return twin
 
     def next_step(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         index = torch.as_tensor(next(self._iter), dtype=torch.long)
