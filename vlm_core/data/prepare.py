@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from curation.sources.world import WorldPaths, build_world, chance_level, check_answer, load_scenes
+from curation.sources.world import (
+    WorldPaths,
+    build_world,
+    chance_level,
+    check_answer,
+    load_scenes,
+    normalize,
+)
 from curation.sources.world.scene import Scene
 from vlm_core.config import DataConfig
 from vlm_core.data.llava import load_llava, write_quarantine
@@ -109,10 +116,6 @@ def _world_scorer(world: WorldPaths, scenes: dict[str, Scene]) -> Scorer:
     return score
 
 
-def normalize_answer(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
 def exact_match_scorer(sample: Sample, answer: str) -> float:
-    """Normalised exact match against the last assistant turn (for data without an oracle)."""
-    return float(normalize_answer(answer) == normalize_answer(sample.turns[-1].text))
+    """Normalised exact match (the world oracle's normalisation) against the last assistant turn."""
+    return float(normalize(answer) == normalize(sample.turns[-1].text))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from curation.sources.world import WorldPaths
 from vlm_core.config import JobConfig
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.image import ImageProcessor
@@ -26,18 +27,41 @@ from vlm_core.data.prepare import PreparedData, prepare_data
 from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
 from vlm_core.eval.evaluate import answer_questions, evaluate, render_table
 from vlm_core.model.vlm import VLM, count_parameters
+from vlm_core.train.align_words import (
+    cell_word_loss,
+    summarize_cell_words,
+    word_token_table,
+)
 from vlm_core.train.checkpoint import (
-    Checkpoint, CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, load_optimizer_state,
+    Checkpoint,
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
     save_checkpoint,
 )
 from vlm_core.train.lm import PackedSteps, lm_loss, summarize_lm
-from vlm_core.train.align_words import cell_word_loss, summarize_cell_words, word_token_table
-from vlm_core.train.loop import BatchSource, LoopContext, LossFn, StageSpec, Summarize, run_stage, use_bf16
+from vlm_core.train.loop import (
+    BatchSource,
+    LoopContext,
+    LossFn,
+    StageSpec,
+    Summarize,
+    run_stage,
+    use_bf16,
+)
 from vlm_core.train.metrics import MetricsLogger
 from vlm_core.train.optim import build_optimizer
 from vlm_core.train.tower import (
-    TowerSteps, build_pretrainer, load_cached_tower, save_cached_tower, summarize_tower, tower_accuracy,
-    tower_cache_key, tower_loss,
+    TowerSteps,
+    build_pretrainer,
+    load_cached_tower,
+    save_cached_tower,
+    summarize_tower,
+    tower_accuracy,
+    tower_cache_key,
+    tower_loss,
 )
 from vlm_core.types import EvalReport, Sample
 
@@ -189,15 +213,19 @@ class _CellData:
         self.cfg, self.data, self.processor, self.device, self.show_progress = cfg, data, processor, device, show_progress
         self._decoded: dict[str, TowerSteps] = {}
 
-    def source(self, split: str, batch_size: int, stage: str) -> TowerSteps:
-        """A batch stream of ``split`` for ``stage``; images are decoded once per split."""
+    def require_world(self) -> WorldPaths:
         if self.data.world is None:
             raise ValueError(
                 "train.tower and train.align.objective=cell_words learn from the built-in world's scene graphs, but "
                 "data.source is not world; set train.tower.enabled=false and train.align.objective=captions"
             )
+        return self.data.world
+
+    def source(self, split: str, batch_size: int, stage: str) -> TowerSteps:
+        """A batch stream of ``split`` for ``stage``; images are decoded once per split."""
+        world = self.require_world()
         if split not in self._decoded:
-            root = self.data.world.image_root.resolve()
+            root = world.image_root.resolve()
             samples = self.data.train if split == "train" else self.data.eval
             self._decoded[split] = TowerSteps(
                 {k: self.data.scenes[k] for k in _image_keys(samples, root)}, root, self.cfg.data.world,
@@ -213,13 +241,9 @@ def _run_tower(
     stage = cfg.train.tower
     if not stage.enabled or "tower" in job.completed:
         return
-    if data.world is None:
-        raise ValueError(
-            "train.tower pretrains the vision tower on the built-in world's scene graphs, but data.source is not "
-            "world; set train.tower.enabled=false (and start from a pretrained tower) for other data"
-        )
+    world = cells.require_world()
     folder = Path(cfg.data.cache_dir).expanduser() / "towers" / tower_cache_key(
-        cfg.model.vision, data.world.config_hash, stage, cfg.train.seed
+        cfg.model.vision, world.config_hash, stage, cfg.train.seed
     )
     info = load_cached_tower(folder, model.vision) if stage.cache else None
     if info is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vlm_core.model.config import ModelConfig, VisionConfig
 from vlm_core.model.vlm import VLM, count_parameters, pack_prompts
@@ -339,16 +341,10 @@ def test_vision_config_validation():
 def test_small_config_builds_on_the_meta_device_at_about_0_36b_parameters():
     # The proposed "small" config (image 192, patch 16 -> P = 144; ViT-B/16-sized tower; 24-layer
     # decoder, GQA 16/4). On the meta device nothing is allocated, so this checks construction only.
-    cfg = ModelConfig(
-        name="small",
-        vision=VisionConfig(image_size=192, patch_size=16, dim=768, layers=12, heads=12),
-        projector_hidden=1024,
-        dim=1024,
-        layers=24,
-        heads=16,
-        kv_heads=4,
-        mlp_hidden=2816,
-    )
+    # Built from the shipped conf/model/small.yaml, so the figure checked is the one users get.
+    values = yaml.safe_load((Path(__file__).resolve().parents[3] / "conf" / "model" / "small.yaml").read_text())
+    cfg = ModelConfig(**{**values, "vision": VisionConfig(**values["vision"])})
+    assert (cfg.vision.num_patches, cfg.heads, cfg.kv_heads) == (144, 16, 4)
     with torch.device("meta"):
         model = VLM(cfg, vocab_size=1024, image_token_id=IMAGE_TOKEN)
     counts = count_parameters(model)
