@@ -527,6 +527,18 @@ def test_eval_redraws_scenes_that_occur_in_train() -> None:
     assert not {r.scene.key() for r in generator.split("eval")} & train_keys
 
 
+def test_train_counts_override_the_per_skill_count() -> None:
+    cfg = tiny_config(skills=["count", "ocr"], train_per_skill=5, train_counts={"ocr": 9}, eval_per_skill=2)
+    train = WorldGenerator(cfg).split("train")
+    assert [r.skill for r in train].count("count") == 5 and [r.skill for r in train].count("ocr") == 9
+    with pytest.raises(ValueError, match="train_counts: unknown skill"):
+        tiny_config(train_counts={"colour": 3})
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        tiny_config(train_counts={"ocr": -1})
+    with pytest.raises(ValueError, match="image_position"):
+        tiny_config(image_position="middle")
+
+
 def test_config_rejects_too_few_pairs() -> None:
     with pytest.raises(ValueError, match="colors x shapes gives 4"):
         WorldConfig(colors=["red", "blue"], shapes=["circle", "square"], max_objects=4)

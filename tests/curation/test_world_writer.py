@@ -61,14 +61,22 @@ def test_world_layout_and_llava_structure(tmp_path: Path) -> None:
     assert {r["split"] for r in rows} == {"train", "eval"}
 
 
-def test_to_llava_puts_the_image_in_the_first_turn_only() -> None:
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_to_llava_puts_the_image_in_the_first_turn_only(position: str) -> None:
     record = WorldGenerator(tiny_config()).request("grounding", 1, seed=3, turns=3)[0]
-    row = to_llava(record, "x/y.png")
+    row = to_llava(record, "x/y.png", image_position=position)
     assert len(record.questions) > 1 and row["image"] == "x/y.png"
     humans = [t["value"] for t in row["conversations"] if t["from"] == "human"]
-    assert humans[0] == "<image>\n" + record.questions[0].text
+    first = record.questions[0].text
+    assert humans[0] == (f"<image>\n{first}" if position == "first" else f"{first}\n<image>")
     assert humans[1:] == [q.text for q in record.questions[1:]]
     assert [t["value"] for t in row["conversations"] if t["from"] == "gpt"] == [q.answer for q in record.questions]
+
+
+def test_to_llava_rejects_an_unknown_image_position() -> None:
+    record = WorldGenerator(tiny_config()).request("count", 1, seed=3)[0]
+    with pytest.raises(ValueError, match="image_position"):
+        to_llava(record, "x/y.png", image_position="middle")
 
 
 def test_same_config_writes_identical_bytes_and_another_seed_does_not(tmp_path: Path) -> None:

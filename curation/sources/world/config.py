@@ -34,13 +34,23 @@ class WorldConfig:
     words: list[str] = field(default_factory=lambda: list(WORDS))
     skills: list[str] = field(default_factory=lambda: list(SKILLS))  # skills to write; others are skipped
     train_per_skill: int = 3000  # training records per skill
+    train_counts: dict[str, int] = field(default_factory=dict)  # per-skill overrides of train_per_skill, e.g. {spatial: 18000}
     eval_per_skill: int = 150  # held-out records per skill
     turns_per_record: int = 3  # question/answer turns per training record (same image, same skill)
+    image_position: str = "first"  # where <image> sits in the first human turn: "first" (before the question) or "last"
     seed: int = 0  # training split seed
     eval_seed: int = 1_000_003  # held-out split seed; must differ from ``seed``
 
     def __post_init__(self) -> None:
+        if self.image_position not in ("first", "last"):
+            raise ValueError(f"data.world.image_position={self.image_position!r}; expected 'first' or 'last'")
+        self.train_counts = {str(k): int(v) for k, v in dict(self.train_counts).items()}
         unknown = sorted(set(self.skills) - set(SKILLS))
+        if not unknown and set(self.train_counts) - set(SKILLS):
+            unknown = sorted(set(self.train_counts) - set(SKILLS))
+            raise ValueError(f"data.world.train_counts: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
+        if any(int(n) < 0 for n in self.train_counts.values()):
+            raise ValueError(f"data.world.train_counts={dict(self.train_counts)}: counts must be >= 0")
         if unknown:
             raise ValueError(f"data.world.skills: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
         if not self.skills:

@@ -80,12 +80,21 @@ def image_rel_path(record: WorldRecord) -> str:
     return f"{record.split}/{record.id}.png"
 
 
-def to_llava(record: WorldRecord, image_rel_path: str) -> dict[str, Any]:
-    """The record as a LLaVA conversation: ``<image>`` once, in the first human turn; roles alternate."""
+def to_llava(record: WorldRecord, image_rel_path: str, image_position: str = "last") -> dict[str, Any]:
+    """The record as a LLaVA conversation: ``<image>`` once, in the first human turn; roles alternate.
+
+    ``image_position`` puts the placeholder before the first question ("first") or after it ("last");
+    LLaVA-1.5's instruction data has both orders. See ``WorldConfig.image_position`` for why the
+    default is "last".
+    """
+    if image_position not in ("first", "last"):
+        raise ValueError(f"image_position={image_position!r}; expected 'first' or 'last'")
     conversations = []
     for turn, question in enumerate(record.questions):
-        prefix = "<image>\n" if turn == 0 else ""
-        conversations.append({"from": "human", "value": prefix + question.text})
+        text = question.text
+        if turn == 0:
+            text = f"<image>\n{text}" if image_position == "first" else f"{text}\n<image>"
+        conversations.append({"from": "human", "value": text})
         conversations.append({"from": "gpt", "value": question.answer})
     return {
         "id": record.id,
@@ -146,7 +155,7 @@ def write_records(
         rel = image_rel_path(record)
         (image_root / record.split).mkdir(parents=True, exist_ok=True)
         items.append((record.scene, str(image_root / rel)))
-        rows.append(to_llava(record, rel))
+        rows.append(to_llava(record, rel, cfg.image_position))
         scene_rows.append({"image": rel, "split": record.split, "scene": record.scene.to_json()})
     render_images(cfg, items, workers=workers, show_progress=show_progress)
     json_path.write_text(json.dumps(rows))
