@@ -46,7 +46,7 @@ def test_world_layout_and_llava_structure(tmp_path: Path) -> None:
             assert row["image"] == f"{split}/{row['id']}.png" and row["id"].startswith(f"{split}-{row['skill']}-")
             turns = row["conversations"]
             assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns
-            assert turns[0]["value"].startswith("<image>\n")
+            assert turns[0]["value"].startswith("<image>\n")  # image_position="first", the default
             assert sum(t["value"].count("<image>") for t in turns) == 1
             assert len(row["meta"]["questions"]) == len(turns) // 2
             scene = scenes[row["image"]]

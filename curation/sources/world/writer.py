@@ -80,12 +80,12 @@ def image_rel_path(record: WorldRecord) -> str:
     return f"{record.split}/{record.id}.png"
 
 
-def to_llava(record: WorldRecord, image_rel_path: str, image_position: str = "last") -> dict[str, Any]:
+def to_llava(record: WorldRecord, image_rel_path: str, image_position: str = "first") -> dict[str, Any]:
     """The record as a LLaVA conversation: ``<image>`` once, in the first human turn; roles alternate.
 
     ``image_position`` puts the placeholder before the first question ("first") or after it ("last");
-    LLaVA-1.5's instruction data has both orders. See ``WorldConfig.image_position`` for why the
-    default is "last".
+    LLaVA-1.5's instruction data has both orders. ``WorldConfig.image_position`` records what each
+    order measured.
     """
     if image_position not in ("first", "last"):
         raise ValueError(f"image_position={image_position!r}; expected 'first' or 'last'")
