@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,18 @@ from vlm_core.data.image import PIL_DECODE_ERRORS
 from vlm_core.data.tokenizer import CONTROL_TOKENS, IMAGE_TOKEN
 from vlm_core.types import QuarantinedRecord, Sample, Turn
 
-__all__ = ["DataError", "ROLE_ALIASES", "load_llava", "write_quarantine"]
+__all__ = ["DataError", "ImageCheck", "ROLE_ALIASES", "load_llava", "validate_records", "verify_image", "write_quarantine"]
 
 ROLE_ALIASES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _JSON_TYPE_NAMES: dict[type, str] = {
     dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null",
 }
+
+
+# Checks one image file that lies inside the image root; raises ``DataError`` with the reason (without the
+# path, which the caller adds) when the file is not a usable image.
+ImageCheck = Callable[[Path], None]
 
 
 class _Rejected(Exception):
@@ -82,23 +87,46 @@ def load_llava(
     that is not valid JSON is one quarantined record (``#<index>``), and the rest of the file is read.
     """
     path = Path(path)
-    if max_images < 0:
-        raise ValueError(f"max_images={max_images}; must be >= 0")
     if not path.is_file():
         raise DataError(f"{path}: LLaVA file not found; check the source path in the data config")
+    return validate_records(
+        _read_records(path), str(path), image_root, source=source, max_images=max_images, strict=strict
+    )
+
+
+def validate_records(
+    records: Iterable[tuple[int, Any, str | None]],
+    file: str,
+    image_root: Path | str,
+    source: str | None = None,
+    max_images: int = 8,
+    *,
+    strict: bool = False,
+    check_image: ImageCheck | None = None,
+) -> tuple[list[Sample], list[QuarantinedRecord]]:
+    """The checks of :func:`load_llava` on already-parsed LLaVA records, for readers of other formats.
+
+    ``records`` yields ``(index, record, parse_error)``: the record's position in ``file``, the parsed
+    object, and a reason when the reader could not parse it (the record is then quarantined with it).
+    ``check_image`` replaces the default image check (:func:`verify_image`); it runs only on paths that
+    passed the containment checks, so it never sees a file outside ``image_root``.
+    """
+    if max_images < 0:
+        raise ValueError(f"max_images={max_images}; must be >= 0")
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise DataError(
-            f"{image_root}: image root of {path} is not a folder; "
+            f"{image_root}: image root of {file} is not a folder; "
             "point image_root at the folder the 'image' paths are relative to"
         )
     root = image_root.resolve()
-    sample_source = source if source is not None else str(path)
+    sample_source = source if source is not None else file
+    check = check_image or verify_image
 
     samples: list[Sample] = []
     quarantined: list[QuarantinedRecord] = []
     first_index_of_id: dict[str, int] = {}
-    for index, record, parse_error in _read_records(path):
+    for index, record, parse_error in records:
         label = f"#{index}"
         try:
             if parse_error is not None:
@@ -108,12 +136,23 @@ def load_llava(
                 first = first_index_of_id[label]
                 raise _Rejected(f"id: duplicate id {label!r}, first used by record #{first}; ids must be unique within a file")
             first_index_of_id[label] = index
-            samples.append(_validate(record, label, sample_source, root, max_images))
+            samples.append(_validate(record, label, sample_source, root, max_images, check))
         except _Rejected as rejected:
             if strict:
-                raise DataError(f"{path}: record {label}: {rejected.reason}") from None
-            quarantined.append(QuarantinedRecord(source=str(path), record=label, reason=rejected.reason))
+                raise DataError(f"{file}: record {label}: {rejected.reason}") from None
+            quarantined.append(QuarantinedRecord(source=file, record=label, reason=rejected.reason))
     return samples, quarantined
+
+
+def verify_image(path: Path) -> None:
+    """The default image check: PIL opens the file and verifies it; raises ``DataError`` with the reason."""
+    try:
+        with Image.open(path) as image:
+            # verify() checks the header and, for PNG, every chunk's CRC without decoding pixels: it catches
+            # truncated and corrupt files for about the cost of reading them.
+            image.verify()
+    except PIL_DECODE_ERRORS as exc:
+        raise DataError(f"is not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 def write_quarantine(records: Iterable[QuarantinedRecord], path: Path | str) -> Path:
@@ -185,7 +224,9 @@ def _record_id(record: Any) -> str:
     return label
 
 
-def _validate(record: dict[str, Any], label: str, source: str, root: Path, max_images: int) -> Sample:
+def _validate(
+    record: dict[str, Any], label: str, source: str, root: Path, max_images: int, check_image: ImageCheck
+) -> Sample:
     turns, system = _conversation(record)
     skill = record.get("skill")
     if skill is not None and (not isinstance(skill, str) or not skill.strip()):
@@ -211,7 +252,9 @@ def _validate(record: dict[str, Any], label: str, source: str, root: Path, max_i
                 f"conversations: {placeholders} {IMAGE_TOKEN} placeholder(s) in human turns but 'image' lists "
                 f"{len(relative_paths)} image(s); put one {IMAGE_TOKEN} where each image belongs"
             )
-    image_paths = tuple(_checked_image(root, relative, field) for relative, field in zip(relative_paths, fields))
+    image_paths = tuple(
+        _checked_image(root, relative, field, check_image) for relative, field in zip(relative_paths, fields)
+    )
     return Sample(
         id=label,
         source=source,
@@ -312,7 +355,7 @@ def _image_paths(record: dict[str, Any]) -> tuple[list[str], list[str]]:
     return list(entries), fields
 
 
-def _checked_image(root: Path, relative: str, field: str) -> Path:
+def _checked_image(root: Path, relative: str, field: str, check_image: ImageCheck) -> Path:
     """Resolve ``relative`` under ``root`` and refuse anything outside it, before any file is opened."""
     if "\x00" in relative:
         raise _Rejected(f"{field}: path contains a NUL byte")
@@ -332,12 +375,9 @@ def _checked_image(root: Path, relative: str, field: str) -> Path:
     if not resolved.is_file():
         raise _Rejected(f"{field}: {relative!r} is not a file")
     try:
-        with Image.open(resolved) as image:
-            # verify() checks the header and, for PNG, every chunk's CRC without decoding pixels: it catches
-            # truncated and corrupt files for about the cost of reading them.
-            image.verify()
-    except PIL_DECODE_ERRORS as exc:
-        raise _Rejected(f"{field}: {relative!r} is not a readable image ({type(exc).__name__}: {exc})") from None
+        check_image(resolved)
+    except DataError as exc:
+        raise _Rejected(f"{field}: {relative!r} {exc}") from None
     return resolved
 
 

@@ -12,7 +12,14 @@ Modules, along the data path: ``config`` (what the world holds) → ``layout`` (
 and ``labels`` gives per-patch targets for pretraining the vision tower.
 """
 
-from curation.sources.world.config import COLORS, SHAPES, SIZES, SKILLS, WORDS, WorldConfig
+from curation.sources.world.config import (
+    COLORS,
+    SHAPES,
+    SIZES,
+    SKILLS,
+    WORDS,
+    WorldConfig,
+)
 from curation.sources.world.generator import Difficulty, WorldGenerator, WorldRecord
 from curation.sources.world.labels import label_spaces, patch_labels
 from curation.sources.world.layout import Layout, position_name
@@ -24,10 +31,22 @@ from curation.sources.world.oracle import (
     normalize,
     reference_answer,
 )
-from curation.sources.world.questions import Question, caption_text, make_question, make_questions
+from curation.sources.world.questions import (
+    Question,
+    caption_text,
+    make_question,
+    make_questions,
+)
 from curation.sources.world.render import BACKGROUND, COLOR_RGB, render_scene
 from curation.sources.world.scene import Scene, WorldObject, sample_scene
-from curation.sources.world.writer import WorldPaths, build_world, config_hash, load_scenes, to_llava, write_records
+from curation.sources.world.writer import (
+    WorldPaths,
+    build_world,
+    config_hash,
+    load_scenes,
+    to_llava,
+    write_records,
+)
 
 __all__ = [
     "BACKGROUND",
