@@ -10,7 +10,6 @@ Input validation lives in :func:`vlm_core.kernels.packed_attention`; these funct
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -31,28 +30,31 @@ def _segment_layout(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> tu
     return index, valid
 
 
+def segment_ids(
+    cu_seqlens: torch.Tensor, total: int | None = None, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """The segment (document) id of every packed token, ``[total]``: token t lies in segment
+    ``segment_ids[t]`` of ``cu_seqlens``. Passing ``total`` spares ``repeat_interleave`` its
+    device sync (it then trusts ``cu_seqlens[-1] == total``)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [n]
+    documents = torch.arange(lengths.numel(), dtype=dtype, device=cu_seqlens.device)  # [n]
+    return torch.repeat_interleave(documents, lengths, output_size=total)  # [total]
+
+
 def packed_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
-    bidir_group: Optional[torch.Tensor] = None,
-    softmax_scale: Optional[float] = None,
+    bidir_group: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """Attention over packed segments with causal text and bidirectional image spans.
 
-    Arguments (shapes as in flash-attn's ``flash_attn_varlen_func``):
-        q: (total, Hq, Dh); k, v: (total, Hkv, Dh), Hq % Hkv == 0. Query head h reads KV head
-            h // (Hq // Hkv) (grouped-query attention; heads 0..G-1 share KV head 0).
-        cu_seqlens: (n + 1,) int32, cu_seqlens[0] == 0, cu_seqlens[-1] == total, non-decreasing.
-        max_seqlen: int >= the longest segment; segments are padded to this length internally.
-        bidir_group: (total,) int32 or None (= all text). 0 marks text; equal non-zero ids in one
-            segment attend to each other in both directions.
-        softmax_scale: defaults to 1 / sqrt(Dh).
-    Returns:
-        (total, Hq, Dh) in q's dtype. Scores, softmax and the weighted sum run in float32 (float64
-        stays float64). Differentiable through autograd.
+    Same contract as :func:`vlm_core.kernels.packed_attention` (arguments, mask rule, returns), of
+    which this is the specification. Scores, softmax and the weighted sum run in float32 (float64
+    stays float64); segments are padded to ``max_seqlen`` internally. Differentiable through autograd.
 
     Limits: any float dtype, any device, any Dh. Memory is O(n * Hq * max_seqlen^2) for the score
     tensor, so this is meant for CPU training of small models and for tests, not for long sequences.
@@ -97,7 +99,7 @@ def packed_attention_reference(
 
 
 def packed_attention_mask(
-    cu_seqlens: torch.Tensor, bidir_group: Optional[torch.Tensor], total: int
+    cu_seqlens: torch.Tensor, bidir_group: torch.Tensor | None, total: int
 ) -> torch.Tensor:
     """The dense boolean mask of the packed-batch contract.
 
@@ -105,8 +107,7 @@ def packed_attention_mask(
     Returns (total, total) bool, ``mask[i, j]`` = token i may attend to token j. O(total^2) memory:
     for tests and for dense kernels (SDPA with an explicit mask), not for long batches.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [n]
-    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)  # [total]
+    segment = segment_ids(cu_seqlens)  # [total]
     if segment.numel() != total:
         raise ValueError(f"cu_seqlens covers {segment.numel()} tokens, but total={total}")
     positions = torch.arange(total, device=cu_seqlens.device)

@@ -7,6 +7,13 @@ import zlib
 
 import pytest
 import torch
+from kernel_checks import (
+    dense_attention,
+    error_report,
+    layout_tensors,
+    max_err,
+    run_with_grads,
+)
 
 from vlm_core.kernels import ATTENTION_IMPLS, packed_attention, packed_attention_mask
 from vlm_core.model.config import ATTN_IMPLS
@@ -32,20 +39,7 @@ HEADS = [(4, 4), (4, 2), (8, 2), (6, 3), (6, 2)]  # (Hq, Hkv): GQA ratios 1, 2, 
 
 def build_layout(layout):
     """cu_seqlens [n+1] int32, bidir_group [total] int32, and the per-token sample ids [total]."""
-    cu, groups, samples = [0], [], []
-    image_id = 0
-    for sample_index, spans in enumerate(layout):
-        for kind, n in spans:
-            if kind == "i":
-                image_id += 1
-            groups += [image_id if kind == "i" else 0] * n
-            samples += [sample_index] * n
-        cu.append(len(groups))
-    return (
-        torch.tensor(cu, dtype=torch.int32),
-        torch.tensor(groups, dtype=torch.int32),
-        torch.tensor(samples),
-    )
+    return layout_tensors(layout)
 
 
 def expected_mask(samples: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -57,40 +51,6 @@ def expected_mask(samples: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         same_image = (groups == groups[i]) & (groups[i] != 0)
         mask[i] = (samples == samples[i]) & ((columns <= i) | same_image)
     return mask
-
-
-def dense_attention(q, k, v, mask, scale):
-    """Plain attention with an explicit [total, total] mask, computed in the inputs' dtype."""
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    outputs = []
-    for h in range(num_q_heads):
-        kv = h // (num_q_heads // num_kv_heads)
-        scores = (q[:, h] @ k[:, kv].T) * scale  # [total, total]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        outputs.append(torch.softmax(scores, dim=-1) @ v[:, kv])  # [total, Dh]
-    return torch.stack(outputs, dim=1)  # [total, Hq, Dh]
-
-
-def error_report(name, got, want, baseline=None):
-    diff = (got.double() - want.double()).abs()
-    text = (
-        f"{name}: max err {diff.max().item():.3e}, mean err {diff.mean().item():.3e}, "
-        f"nan {torch.isnan(got).sum().item()}, inf {torch.isinf(got).sum().item()}"
-    )
-    if baseline is not None:
-        text += f", baseline max err {(baseline.double() - want.double()).abs().max().item():.3e}"
-    return text
-
-
-def max_err(got, want):
-    return (got.double() - want.double()).abs().max().item()
-
-
-def run_with_grads(fn, inputs, grad_out):
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
 @pytest.mark.parametrize("head_dim", [16, 32])
@@ -240,7 +200,7 @@ def test_softmax_scale_is_applied():
 
 
 def test_config_names_only_registered_impls():
-    assert set(ATTN_IMPLS) == set(ATTENTION_IMPLS)
+    assert set(ATTN_IMPLS) == set(ATTENTION_IMPLS) | {"auto"}  # "auto" is resolved per device, not registered
 
 
 def _valid_inputs():
@@ -273,7 +233,7 @@ INVALID = {
     "bidir_group_length": (lambda a: a.update(bidir_group=a["bidir_group"][:5]), "bidir_group"),
     "bidir_group_int64": (lambda a: a.update(bidir_group=a["bidir_group"].long()), "bidir_group"),
     "softmax_scale_negative": (lambda a: a.update(softmax_scale=-1.0), "softmax_scale"),
-    "unknown_impl": (lambda a: a.update(impl="cudnn"), "available: \\['reference'"),
+    "unknown_impl": (lambda a: a.update(impl="cudnn"), "unknown impl='cudnn'; available: \\['flash_attn'"),
 }
 
 

@@ -1,0 +1,167 @@
+"""What the Triton kernel modules here share: can Triton run, compile-on-first-use, interpreter workarounds.
+
+- :func:`triton_status` says whether Triton kernels can run on a device (CUDA compiled, or CPU tensors
+  under ``TRITON_INTERPRET=1``) and, if not, why.
+- :func:`make_jit` gives a private globals dict and a ``jit`` that decorates a plain function into it.
+  Triton fixes interpreter-or-GPU when a function is decorated (and, for triton's own library, when
+  triton is first imported), so every kernel module keeps its kernels as plain functions and
+  decorates them on first use; that way importing a kernel module neither imports triton nor fixes
+  the mode before a test sets ``TRITON_INTERPRET=1``.
+- :func:`_dot` and :func:`_cast` are device helpers (plain functions, decorated with the kernels that
+  call them) that work around the interpreter's bfloat16 arithmetic.
+- :func:`compute_dtype` is the dtype a fused op computes in: autocast's, when autocast is on.
+
+Nothing here imports triton at module import time.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
+
+
+def interpreting() -> bool:
+    """Is TRITON_INTERPRET=1 in effect now (kernels launched now run in Triton's interpreter)?"""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def library_interpreted() -> bool:
+    """Was triton.language decorated for the interpreter (TRITON_INTERPRET=1 at its import)?"""
+    import triton.language
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.max, InterpretedFunction)
+
+
+def triton_status(device: torch.device | str | None = None, what: str = "the Triton kernel") -> tuple[bool, str]:
+    """Can Triton kernels run on ``device``? Returns (ok, reason); the reason says why not, or how.
+
+    device: where the tensors live; None means CUDA when available, else the CPU. CUDA tensors
+    run compiled kernels (or the interpreter when TRITON_INTERPRET=1); CPU tensors run only in
+    Triton's interpreter, which needs TRITON_INTERPRET=1 (already when triton is first
+    imported) and is meant for tests, not training.
+    """
+    try:
+        import triton
+    except ImportError as error:
+        return False, f"triton is not importable ({error}); pip install triton (Linux)"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    interpret = bool(triton.knobs.runtime.interpret)
+    version = f"triton {triton.__version__}"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"{what} runs on cuda or cpu tensors, not {device.type}"
+    if device.type == "cpu" and not interpret:
+        return False, (
+            f"{version} runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported (tests and debugging only; far too slow to train)"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False, f"{version}: CUDA is not available in torch {torch.__version__}"
+    if interpret != library_interpreted():
+        now, then = ("set", "unset") if interpret else ("unset", "set")
+        return False, (
+            f"{version}: TRITON_INTERPRET is {now} now but was {then} when triton was first "
+            "imported, and triton fixes interpreter-or-GPU for its own library (tl.max, "
+            "tl.sum, ...) at import; set TRITON_INTERPRET=1 (or not) before anything imports "
+            "triton, e.g. in the environment"
+        )
+    if interpret:
+        where = "the CPU" if device.type == "cpu" else "CUDA tensors"
+        return True, f"{version} interpreter on {where} (TRITON_INTERPRET=1; slow)"
+    return True, f"{version} compiled for {torch.cuda.get_device_name(device)}"
+
+
+def check_can_run(op: str, device: torch.device) -> None:
+    """Raise ValueError naming ``op`` if Triton kernels cannot run on ``device``."""
+    ok, reason = triton_status(device)
+    if not ok:
+        raise ValueError(f"{op}: cannot run on {device}: {reason}")
+
+
+def make_jit(module_name: str) -> tuple[dict, Callable]:
+    """A private globals dict holding ``tl`` and ``triton``, and ``jit(fn)`` that decorates a copy of fn into it.
+
+    A kernel finds the helpers it calls through its globals, so each compiled mode (interpreter or
+    GPU) gets its own copies of every function with this dict as their globals.
+    """
+    import triton
+    import triton.language as triton_language
+
+    namespace: dict = {"tl": triton_language, "triton": triton, "__name__": module_name}
+
+    def jit(fn):
+        copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__)
+        copy.__annotations__ = dict(fn.__annotations__)
+        copy.__module__ = fn.__module__
+        copy.__qualname__ = fn.__qualname__
+        copy.__doc__ = fn.__doc__
+        namespace[fn.__name__] = triton.jit(copy)
+        return namespace[fn.__name__]
+
+    for helper in DEVICE_HELPERS:
+        jit(helper)
+    return namespace, jit
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a fused op's matrix products run in: autocast's for the tensor's device when it is on."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type) and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def interpret_bf16(dtype: torch.dtype) -> bool:
+    """Do the kernels need the interpreter's bfloat16 workarounds (see _dot and _cast) for ``dtype``?"""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers (plain functions; make_jit decorates them into every kernel namespace)
+# --------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """a @ b (+ acc) with float32 accumulation."""
+    if INTERPRET_BF16:
+        # Triton's interpreter (<= 3.8) multiplies the raw bits of bfloat16 operands as integers.
+        # Products of two bfloat16 values are exact in float32, so upcasting first gives what
+        # the GPU's tensor cores compute (bf16 products, fp32 accumulation).
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def _cast(x, dtype, INTERPRET_BF16: tl.constexpr):
+    """x.to(dtype), rounding to nearest even as the GPU does."""
+    if INTERPRET_BF16:  # noqa: SIM102  (a constexpr test first: the GPU build never sees the inner one)
+        if dtype == tl.bfloat16 and x.dtype == tl.float32:
+            # The interpreter truncates float32 -> bfloat16 (and its "rtne" mode misrounds), which
+            # doubles the rounding error; round the float32 bits to nearest even first.
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+DEVICE_HELPERS = (_dot, _cast)
+
+__all__ = [
+    "check_can_run",
+    "compute_dtype",
+    "interpret_bf16",
+    "interpreting",
+    "library_interpreted",
+    "make_jit",
+    "triton_status",
+]
