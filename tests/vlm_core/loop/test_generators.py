@@ -1,0 +1,79 @@
+"""Generators produce what was requested: the skills and counts of the plan, verified against the scene graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from curation.sources.world import WorldConfig, caption_text, check_answer
+from curation.sources.world.generator import WorldGenerator
+from vlm_core.loop.config import SelfAugmentConfig, TeacherConfig
+from vlm_core.loop.generators import SelfAugment, WorldTeacher, verify_caption
+from vlm_core.loop.rounds import _divide_plan
+
+WORLD = WorldConfig(train_per_skill=4, eval_per_skill=3)
+
+
+def test_teacher_produces_the_plan(tmp_path: Path) -> None:
+    eval_keys = frozenset(r.scene.key() for r in WorldGenerator(WORLD).request("spatial", 50, seed=WORLD.eval_seed))
+    teacher = WorldTeacher(WORLD, TeacherConfig(), tmp_path / "images", eval_keys)
+    plan = {"spatial": 7, "count": 3, "ocr": 0, "color": 1}
+    out = teacher.generate(plan, seed=50_001, split="r1", source="r1_teacher", scores={"spatial": 0.0, "count": 0.9})
+    assert out.requested == plan
+    assert out.produced() == {"spatial": 7, "count": 3, "color": 1}
+    assert len({s.id for s in out.samples}) == len(out.samples)
+    for sample in out.samples:
+        path = sample.image_paths[0]
+        scene = out.scenes[str(path)]
+        assert path.is_file() and sample.source == "r1_teacher"
+        assert scene.key() not in eval_keys
+        # The oracle accepts every answer the teacher wrote.
+        question_meta = sample.meta["questions"][0]
+        assert check_answer(sample.skill, scene, question_meta, sample.turns[-1].text) == 1.0
+        assert sample.turns[0].text.endswith("<image>")  # the world's default image_position=last
+        if sample.skill == "spatial":  # weak (score 0): scenes from the upper half of 1..6 objects
+            assert len(scene.shapes) >= 4
+    assert min(len(out.scenes[str(s.image_paths[0])].shapes) for s in out.samples if s.skill == "count") >= 1
+
+
+def test_teacher_is_deterministic_and_new_per_round(tmp_path: Path) -> None:
+    teacher = WorldTeacher(WORLD, TeacherConfig(), tmp_path, frozenset())
+    a = teacher.generate({"color": 4}, seed=1, split="r1", source="s")
+    b = teacher.generate({"color": 4}, seed=1, split="r1", source="s")
+    c = teacher.generate({"color": 4}, seed=2, split="r2", source="s")
+    assert [s.turns for s in a.samples] == [s.turns for s in b.samples]
+    assert [s.turns for s in a.samples] != [s.turns for s in c.samples]
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_plan_divides_exactly_between_generators(parts: int) -> None:
+    plan = {"spatial": 11, "color": 1, "count": 0}
+    shares = _divide_plan(plan, parts)
+    assert len(shares) == parts
+    assert {k: sum(s[k] for s in shares) for k in plan} == plan
+
+
+def test_self_augment_keeps_only_verified_captions(tmp_path: Path) -> None:
+    teacher = WorldTeacher(WORLD, TeacherConfig(), tmp_path, frozenset())
+    pool = teacher.generate({"caption": 6}, seed=3, split="train", source="world")
+    scene_of = {str(s.image_paths[0]): pool.scenes[str(s.image_paths[0])] for s in pool.samples}
+
+    def faithful(samples):  # answers in another phrase order, nothing invented
+        return [", ".join(reversed(caption_text(scene_of[str(s.image_paths[0])]).rstrip(".").split(", "))) + "."
+                for s in samples]
+
+    def hallucinating(samples):
+        return [caption_text(scene_of[str(s.image_paths[0])]).rstrip(".") + ", a large pink star at top left."
+                for s in samples]
+
+    cfg = SelfAugmentConfig(images=5)
+    kept = SelfAugment(cfg, faithful).generate(pool.samples, lambda s: scene_of[str(s.image_paths[0])], "r1_sa", 1)
+    assert kept.requested == {"caption": 5} and kept.produced() == {"caption": 5}
+    assert all(s.meta["recaptioned_from"] and s.skill == "caption" for s in kept.samples)
+    assert all("replaces" not in s.meta for s in kept.samples)  # the pool's captions are exact already
+    dropped = SelfAugment(cfg, hallucinating).generate(pool.samples, lambda s: scene_of[str(s.image_paths[0])], "x", 1)
+    # A pink star at top left is only accepted if the scene has one; the verifier rejects the rest.
+    for sample in dropped.samples:
+        assert verify_caption(scene_of[str(sample.image_paths[0])], sample.turns[-1].text, cfg)
+    assert dropped.rejected["caption"] + len(dropped.samples) == 5 and dropped.rejected["caption"] >= 3

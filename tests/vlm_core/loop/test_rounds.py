@@ -1,0 +1,106 @@
+"""The loop end to end on the smoke preset: lineage is complete, and a killed loop resumes at its round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from vlm_core.data.manifest import read_manifest
+from vlm_core.loop.rounds import run_loop
+from vlm_core.train.job import run_job
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_lineage_complete_and_resume_at_the_killed_round(make_cfg) -> None:
+    cfg = make_cfg(rounds=2, generators=["teacher"])
+    calls: list[str] = []
+
+    def dies_in_round_2(job):
+        calls.append(job.run_dir)
+        if "round-2" in job.run_dir:
+            raise Killed  # the process "dies" during round 2's training
+        return run_job(job, show_progress=False)
+
+    with pytest.raises(Killed):
+        run_loop(cfg, dies_in_round_2)
+    out = Path(cfg.output_dir)
+    assert (out / "round-1" / "DONE").is_file() and not (out / "round-2" / "DONE").is_file()
+    assert len(json.loads((out / "rounds.json").read_text())) == 2
+
+    resumed: list[str] = []
+
+    def counting(job):
+        resumed.append(job.run_dir)
+        return run_job(job, show_progress=False)
+
+    history = run_loop(cfg, counting)
+    assert [Path(d).parent.name for d in resumed] == ["round-2"]  # rounds 0 and 1 were not redone
+    assert [r["round"] for r in history] == [0, 1, 2]
+
+    # Lineage: every row of round 2's mixture names its round and generator, and the file lists every source.
+    manifest = out / "round-2" / "manifest.parquet"
+    table = pq.read_table(manifest)
+    decisions = [json.loads(d)["lineage"] for d in table.column("decisions").to_pylist()]
+    sources = table.column("source").to_pylist()
+    lineage = read_manifest(manifest).metadata["lineage"]
+    for source, row in zip(sources, decisions):
+        assert row == lineage[source] and {"round", "generator"} <= set(row)
+    assert {"world", "r1_teacher", "r2_teacher"} == set(sources)
+    assert {row["round"] for row in decisions} == {0, 1, 2}
+    # The plan is the increment: round k's teacher rows per skill are what the sampler asked for (nothing was a duplicate).
+    for k in (1, 2):
+        produced = history[k]["generated"]["teacher"]["produced"]
+        assert produced == {s: n for s, n in history[k]["plan"].items() if n}
+        assert sum(history[k]["plan"].values()) == cfg.sampler.budget
+        assert history[k]["curation"]["kept"][f"r{k}_teacher"] == cfg.sampler.budget
+    assert (out / "report.md").is_file() and (out / "plots" / "accuracy.png").is_file()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_continuing_rounds_start_from_the_previous_weights(make_cfg) -> None:
+    cfg = make_cfg(rounds=1, generators=["teacher"], strategy="none")
+    history = run_loop(cfg, lambda job: run_job(job, show_progress=False))
+    out = Path(cfg.output_dir)
+    warm = json.loads((out / "round-1" / "train" / "warm-start" / "state.json").read_text())
+    assert warm["completed_stages"] == ["tower", "align"]
+    assert Path(warm["warm_start_from"]).parent.parent == out / "round-0" / "train"
+    metrics = [json.loads(line) for line in (out / "round-1" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert {m["stage"] for m in metrics} <= {"instruct", "eval"}  # no tower or alignment in a continuing round
+    assert history[1]["plan"] == {s: 0 for s in history[0]["scores"]}  # strategy none: nothing new
+    assert history[1]["mixture"]["rows"] == {"world": history[0]["mixture"]["rows"]["world"]}
+
+
+@pytest.mark.slow
+def test_sigkilled_metabolize_resumes_at_its_round(smoke_cfg, tmp_path: Path) -> None:
+    """The real entry point, killed with SIGKILL once round 0 is done, continues at round 1 when rerun."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "metabolize.py", "metabolize/preset=smoke", f"hydra.run.dir={run_dir}",
+               f"job.data.cache_dir={smoke_cfg.job.data.cache_dir}", "job.train.threads=1", "generators=[teacher]", "rounds=1"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "round-0" / "DONE").is_file():
+        assert process.poll() is None and time.time() < deadline, "metabolize.py ended before round 0 was done"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = {p.parent.name for p in run_dir.glob("round-*/DONE")}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr + result.stdout
+    for name in finished_before:
+        assert f"round {name.split('-')[1]}: done in an earlier run, skipped" in log
+    history = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["round"] for r in history] == [0, 1]

@@ -1,0 +1,129 @@
+"""The typed configuration of ``metabolize.py``: the base training job, the rounds, the sampler, the generators.
+
+Hydra composes ``conf/metabolize.yaml`` into :class:`MetabolizeConfig` (registered in :mod:`vlm_core.cli`);
+every module of :mod:`vlm_core.loop` receives these dataclasses. YAML holds values only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from curation.sources.world.config import SKILLS
+from vlm_core.config import JobConfig
+
+STRATEGIES: tuple[str, ...] = ("adaptive", "uniform", "none")
+GENERATORS: tuple[str, ...] = ("teacher", "self_augment", "http")
+
+
+@dataclass
+class SamplerConfig:
+    """Adaptive bad-case sampling (MLLM-DataEngine): each category's share of the round's budget.
+
+    The strategy (``MetabolizeConfig.strategy``) picks the rule. ``adaptive``: weight_c = (1 - score_c) ** (1 / temperature), normalised; every category first gets
+    ``floor`` × budget / categories so nothing starves. ``uniform``: the same budget spread evenly.
+    ``none``: no new data (the control arm). Counts are integers that sum exactly to ``budget``.
+    """
+
+    budget: int = 3000  # new samples per round (all generators together)
+    temperature: float = 1.0  # < 1 sharpens towards the worst category, > 1 flattens towards uniform
+    floor: float = 0.25  # share of an even split every category keeps at least (0 = none, 1 = uniform)
+    score_vs_chance: bool = True  # measure error above chance: (acc - chance) / (1 - chance), so coin-flip = all error
+    categories: list[str] = field(default_factory=list)  # skills to sample; empty = every evaluated skill
+
+    def __post_init__(self) -> None:
+        if self.budget < 0:
+            raise ValueError(f"sampler.budget={self.budget} must be >= 0")
+        if self.temperature <= 0:
+            raise ValueError(f"sampler.temperature={self.temperature} must be > 0")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"sampler.floor={self.floor} must be in [0, 1] (a share of the even split)")
+        unknown = sorted(set(self.categories) - set(SKILLS))
+        if unknown:
+            raise ValueError(f"sampler.categories: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
+
+
+@dataclass
+class TeacherConfig:
+    """The built-in world as the teacher (ALLaVA's GPT-4V): targeted records of the requested skills."""
+
+    turns: int = 1  # question/answer turns per record
+    harder_for_weak: bool = True  # skills below ``weak_below`` ask for scenes in the upper half of the object range
+    weak_below: float = 0.6  # score (vs chance) under which a skill counts as weak
+
+
+@dataclass
+class SelfAugmentConfig:
+    """VILA²'s self-augment: the current model recaptions pool images; a verifier keeps the faithful captions."""
+
+    images: int = 200  # pool caption images recaptioned per round
+    min_f1: float = 0.8  # object F1 against the scene graph a new caption needs
+    max_hallucinations: int = 0  # objects/attributes not in the scene graph a kept caption may name
+    batch_size: int = 64
+    max_new_tokens: int = 72
+
+
+@dataclass
+class HttpTeacherConfig:
+    """A teacher that speaks the OpenAI chat-completions API; the world asks the question, the teacher answers."""
+
+    url: str = "http://127.0.0.1:8000/v1/chat/completions"
+    model: str = "teacher"
+    timeout_s: float = 60.0
+    max_tokens: int = 72
+    verify: bool = True  # drop answers the world's oracle scores below ``min_score`` (a teacher can be wrong)
+    min_score: float = 1.0
+    api_key: str | None = None  # sent as a bearer token when set
+
+
+@dataclass
+class RoundTrainConfig:
+    """How rounds 1..N train: continuing from the previous round's weights for a few hundred steps."""
+
+    continue_from_previous: bool = True  # False = every round trains from scratch (stage 0 still cached)
+    max_steps: int = 300  # instruction-tuning steps per round
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.3
+    pool_weight: float = 0.15  # replay: repetition factor of the base pool in each round's mixture
+    increment_weight: float = 1.0  # repetition factor of every increment (this round's and earlier ones)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("rounds_train: need max_steps >= 1, lr > 0 and warmup_steps >= 0")
+        if self.pool_weight < 0 or self.increment_weight < 0:
+            raise ValueError("rounds_train.pool_weight and increment_weight must be >= 0")
+
+
+@dataclass
+class MetabolizeConfig:
+    """Everything ``metabolize.py`` needs. ``job`` is round 0's training job; rounds 1..N derive from it."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    strategy: str = "adaptive"  # one of STRATEGIES: how the sampler splits each round's budget
+    rounds: int = 3  # loop iterations after round 0 (evaluate → sample → generate → curate → retrain)
+    seed: int = 0  # the loop's seed: replaces job.train.seed, and seeds the teacher and the mixtures
+    generators: list[str] = field(default_factory=lambda: ["teacher", "self_augment"])  # of GENERATORS
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    self_augment: SelfAugmentConfig = field(default_factory=SelfAugmentConfig)
+    http: HttpTeacherConfig = field(default_factory=HttpTeacherConfig)
+    rounds_train: RoundTrainConfig = field(default_factory=RoundTrainConfig)
+    output_dir: str | None = None  # None = Hydra's run directory
+    resume: bool = True  # a rerun in the same output_dir continues at the first unfinished round
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}; expected one of {list(STRATEGIES)}")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
+        if self.rounds < 0:
+            raise ValueError(f"rounds={self.rounds} must be >= 0")
+        unknown = sorted(set(self.generators) - set(GENERATORS))
+        if unknown:
+            raise ValueError(f"generators: unknown {unknown}; expected a subset of {list(GENERATORS)}")
+        if self.job.data.source != "world":
+            raise ValueError(
+                f"job.data.source={self.job.data.source!r}: the loop needs the built-in world (data=world), whose "
+                "oracle scores the bad cases and whose teacher generates the increments"
+            )

@@ -1,0 +1,218 @@
+"""Generators of a round's increment: the world teacher, VILA²-style self-augmentation, an HTTP teacher.
+
+Each takes the per-category counts the sampler planned and returns :class:`Generated`: validated
+``Sample`` s (absolute image paths) with the scene graph of each image, so the oracle can verify them.
+
+- :class:`WorldTeacher` asks the built-in world for targeted records (ALLaVA's and MLLM-DataEngine's GPT-4V).
+- :class:`SelfAugment` lets the current model recaption pool images; a verifier scores each caption against
+  the scene graph and keeps the faithful ones (VILA²'s self-augment step; for real data the verifier would be
+  image-text alignment).
+- :class:`HttpTeacher` sends the world's questions with their images to any OpenAI-compatible
+  ``/v1/chat/completions`` endpoint and keeps the answers the oracle accepts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from curation.sources.world import (
+    Difficulty,
+    Scene,
+    WorldConfig,
+    WorldGenerator,
+    WorldRecord,
+    caption_f1,
+    caption_hallucinations,
+    check_answer,
+    to_llava,
+)
+from curation.sources.world.writer import render_images
+from vlm_core.loop.config import HttpTeacherConfig, SelfAugmentConfig, TeacherConfig
+from vlm_core.types import Sample, Turn
+
+log = logging.getLogger(__name__)
+
+# Teacher seeds live far from the world's own (cfg.seed, cfg.eval_seed), one block per loop seed and round.
+TEACHER_SEED_BASE = 50_000
+
+
+@dataclass
+class Generated:
+    """One generator's output for one round."""
+
+    generator: str
+    samples: list[Sample]
+    scenes: dict[str, Scene]  # absolute image path → scene graph
+    requested: dict[str, int]  # category → samples asked for
+    rejected: dict[str, int] = field(default_factory=dict)  # category → dropped by the verifier
+
+    def produced(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for sample in self.samples:
+            counts[sample.skill or "none"] = counts.get(sample.skill or "none", 0) + 1
+        return counts
+
+
+def teacher_seed(loop_seed: int, round_index: int) -> int:
+    return TEACHER_SEED_BASE + 1000 * loop_seed + round_index
+
+
+def record_sample(record: WorldRecord, image_path: Path, source: str, image_position: str,
+                  answers: Sequence[str] | None = None) -> Sample:
+    """A world record as a Sample, optionally with other answers (a teacher's) in place of the oracle's."""
+    row = to_llava(record, image_path.name, image_position)
+    turns = []
+    for k, message in enumerate(row["conversations"]):
+        text = message["value"]
+        if message["from"] == "gpt" and answers is not None:
+            text = answers[k // 2]
+        turns.append(Turn("user" if message["from"] == "human" else "assistant", text))
+    return Sample(id=record.id, source=source, image_paths=(image_path,), turns=tuple(turns), skill=record.skill,
+                  meta=row["meta"])
+
+
+class WorldTeacher:
+    """Targeted records from the built-in world: the requested skills, harder scenes for weak ones."""
+
+    name = "teacher"
+
+    def __init__(self, world: WorldConfig, cfg: TeacherConfig, image_dir: Path, avoid: frozenset[str]) -> None:
+        self.world, self.cfg, self.image_dir, self.avoid = world, cfg, Path(image_dir), avoid
+        self.generator = WorldGenerator(world)
+
+    def difficulty(self, score: float | None) -> Difficulty:
+        low, high = self.world.min_objects, self.world.max_objects
+        if self.cfg.harder_for_weak and score is not None and score < self.cfg.weak_below:
+            low = max(low, (low + high + 1) // 2)  # the upper half of the range: where the errors are
+        return Difficulty(low, high)
+
+    def records(self, plan: dict[str, int], seed: int, split: str, scores: dict[str, float]) -> list[WorldRecord]:
+        return [
+            record
+            for skill, n in sorted(plan.items()) if n > 0
+            for record in self.generator.request(skill, n, self.difficulty(scores.get(skill)), seed=seed, split=split,
+                                                 turns=self.cfg.turns, avoid=self.avoid)
+        ]
+
+    def render(self, records: Sequence[WorldRecord]) -> list[Path]:
+        paths = [self.image_dir / record.split / f"{record.id}.png" for record in records]
+        for path in {p.parent for p in paths}:
+            path.mkdir(parents=True, exist_ok=True)
+        render_images(self.world, [(r.scene, str(p)) for r, p in zip(records, paths)], workers=1, show_progress=False)
+        return paths
+
+    def generate(self, plan: dict[str, int], seed: int, split: str, source: str,
+                 scores: dict[str, float] | None = None) -> Generated:
+        records = self.records(plan, seed, split, scores or {})
+        paths = self.render(records)
+        samples = [record_sample(r, p, source, self.world.image_position) for r, p in zip(records, paths)]
+        return Generated(self.name, samples, {str(p): r.scene for r, p in zip(records, paths)}, dict(plan))
+
+
+AnswerFn = Callable[[Sequence[Sample]], list[str]]  # greedy answers to the last question of each sample
+
+
+def verify_caption(scene: Scene, caption: str, cfg: SelfAugmentConfig) -> bool:
+    """The world's caption verifier: enough of the scene named, nothing named that is not there."""
+    return caption_f1(scene, caption) >= cfg.min_f1 and len(caption_hallucinations(scene, caption)) <= cfg.max_hallucinations
+
+
+class SelfAugment:
+    """VILA²: the current model recaptions pool images; verified captions become new training samples.
+
+    A verified caption replaces the pool's caption of that image when it scores higher against the scene
+    graph (``meta["replaces"]`` names the pool sample; the curation step drops it). On the clean world the
+    pool's captions are exact, so nothing is replaced there and the verified recaptions are added.
+    """
+
+    name = "self_augment"
+
+    def __init__(self, cfg: SelfAugmentConfig, answer: AnswerFn) -> None:
+        self.cfg, self.answer = cfg, answer
+
+    def generate(self, pool: Sequence[Sample], scene_of: Callable[[Sample], Scene | None], source: str,
+                 round_index: int) -> Generated:
+        chosen = [s for s in pool if s.skill == "caption"][: self.cfg.images]
+        captions = self.answer(chosen) if chosen else []
+        samples, scenes, rejected = [], {}, 0
+        for sample, caption in zip(chosen, captions):
+            scene = scene_of(sample)
+            if scene is None or not caption or not verify_caption(scene, caption, self.cfg):
+                rejected += 1
+                continue
+            old = caption_f1(scene, sample.turns[-1].text)
+            meta = {**sample.meta, "recaptioned_from": sample.id, "verifier_f1": caption_f1(scene, caption)}
+            if caption_f1(scene, caption) > old:
+                meta["replaces"] = sample.id
+            turns = (*sample.turns[:-1], Turn("assistant", caption))
+            samples.append(Sample(id=f"r{round_index}-recap-{sample.id}", source=source,
+                                  image_paths=sample.image_paths, turns=turns, skill="caption", meta=meta))
+            scenes[str(sample.image_paths[0])] = scene
+        return Generated(self.name, samples, scenes, {"caption": len(chosen)}, {"caption": rejected})
+
+
+def image_data_url(path: Path) -> str:
+    """An image file as a base64 data URL, as the OpenAI chat API takes images."""
+    kind = "jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png"
+    return f"data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def chat_request(url: str, model: str, question: str, image: Path, max_tokens: int, timeout_s: float,
+                 api_key: str | None = None) -> str:
+    """One chat-completions call with one image; returns the assistant message's text."""
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": question},
+            {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+        ]}],
+    }
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        payload = json.loads(response.read())
+    try:
+        return str(payload["choices"][0]["message"]["content"] or "").strip()
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"{url}: the reply is not a chat completion ({exc}): {str(payload)[:200]}") from exc
+
+
+class HttpTeacher:
+    """The world asks (scene, question), an OpenAI-compatible endpoint answers; the oracle checks the answer."""
+
+    name = "http"
+
+    def __init__(self, cfg: HttpTeacherConfig, world_teacher: WorldTeacher) -> None:
+        self.cfg, self.world_teacher = cfg, world_teacher
+
+    def generate(self, plan: dict[str, int], seed: int, split: str, source: str,
+                 scores: dict[str, float] | None = None) -> Generated:
+        records = self.world_teacher.records(plan, seed, split, scores or {})
+        paths = self.world_teacher.render(records)
+        samples, scenes, rejected = [], {}, {}
+        for record, path in zip(records, paths):
+            answers = []
+            for question in record.questions:
+                text = question.text  # the image goes with the message as a data URL, not as a placeholder
+                answers.append(chat_request(self.cfg.url, self.cfg.model, text, path, self.cfg.max_tokens,
+                                            self.cfg.timeout_s, self.cfg.api_key))
+            good = all(answers) and (not self.cfg.verify or all(
+                check_answer(record.skill, record.scene, q.meta, a) >= self.cfg.min_score
+                for q, a in zip(record.questions, answers)))
+            if not good:
+                rejected[record.skill] = rejected.get(record.skill, 0) + 1
+                continue
+            samples.append(record_sample(record, path, source, self.world_teacher.world.image_position, answers))
+            scenes[str(path)] = record.scene
+        log.info("http teacher %s: %d of %d records kept", self.cfg.url, len(samples), len(records))
+        return Generated(self.name, samples, scenes, dict(plan), rejected)

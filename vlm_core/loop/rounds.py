@@ -1,0 +1,345 @@
+"""The closed loop, round by round: train → evaluate → analyse → sample → generate → curate → train ...
+
+Round 0 trains ``cfg.job`` on the world. Round k >= 1:
+
+1. plans the increment from round k-1's analysis (:mod:`vlm_core.loop.sampler`);
+2. generates it (:mod:`vlm_core.loop.generators`) and curates it against the pool and earlier increments
+   into ``round-k/manifest.parquet`` (:mod:`vlm_core.loop.mixture`);
+3. trains on that mixture, continuing from round k-1's weights (``rounds_train``), and evaluates;
+4. analyses the evaluation (:mod:`vlm_core.loop.analysis`) and writes ``round-k/round.json`` and ``DONE``.
+
+Layout of ``output_dir``::
+
+    pool.parquet                 the base pool (the world's training split) as manifest rows
+    round-0/train/               round 0's run directory (eval.json, predictions.jsonl, checkpoints/, tb/)
+    round-k/images/, increment-<generator>.parquet, scenes.jsonl, manifest.parquet, train/
+    round-k/round.json, DONE     the round's record; DONE is written last
+    rounds.json, report.md, plots/, tb/
+
+Resume: a rerun with the same ``output_dir`` skips every round with ``DONE`` and restarts the first one
+without it; a round killed during training continues from its own newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from curation.sources.world import Scene, WorldPaths, build_world, load_scenes
+from vlm_core.config import JobConfig
+from vlm_core.loop.analysis import analyse
+from vlm_core.loop.config import MetabolizeConfig, SelfAugmentConfig
+from vlm_core.loop.generators import (
+    Generated,
+    HttpTeacher,
+    SelfAugment,
+    WorldTeacher,
+    teacher_seed,
+)
+from vlm_core.loop.mixture import (
+    POOL_SOURCE,
+    composition,
+    curate_increment,
+    sample_key,
+    sample_table,
+    write_mixture,
+    write_table,
+)
+from vlm_core.loop.sampler import plan_increment
+from vlm_core.train.checkpoint import atomic_write_text, latest_checkpoint
+from vlm_core.types import EvalReport, Sample, Turn
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"
+RunJob = Callable[[JobConfig], "EvalReport | None"]
+
+
+def config_digest(cfg: MetabolizeConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def world_samples(world: WorldPaths, split: str = "train", source: str = POOL_SOURCE) -> list[Sample]:
+    """The built world's records of ``split`` as Samples (trusted: the world wrote them), absolute image paths."""
+    path = world.train_json if split == "train" else world.eval_json
+    samples = []
+    for row in json.loads(path.read_text()):
+        turns = tuple(Turn("user" if m["from"] == "human" else "assistant", m["value"]) for m in row["conversations"])
+        samples.append(Sample(id=row["id"], source=source, image_paths=((world.image_root / row["image"]).resolve(),),
+                              turns=turns, skill=row.get("skill"), meta=row.get("meta") or {}))
+    return samples
+
+
+class Loop:
+    """State shared by the rounds of one loop run: the world, its scenes, the pool, what is already in it."""
+
+    def __init__(self, cfg: MetabolizeConfig, run_job: RunJob | None = None) -> None:
+        if cfg.output_dir is None:
+            raise ValueError("output_dir is not set; metabolize.py sets it to Hydra's run directory")
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if run_job is None:
+            from vlm_core.train.job import run_job as default_run_job
+
+            run_job = default_run_job
+        self.run_job = run_job
+        self.digest = config_digest(cfg)
+        data = cfg.job.data
+        self.world = build_world(data.world, Path(data.cache_dir).expanduser())
+        root = self.world.image_root.resolve()
+        self.scenes: dict[str, Scene] = {str(root / key): scene for key, scene in load_scenes(self.world).items()}
+        self.eval_root = root / "eval"
+        self.pool = world_samples(self.world)
+        self._round_scenes: dict[int, dict[str, Scene]] = {}  # round → its increments' scenes, read on demand
+
+    def scene_of(self, sample: Sample) -> Scene | None:
+        return self.scenes.get(str(sample.image_paths[0])) if sample.image_paths else None
+
+    def eval_scene(self, sample_id: str) -> Scene | None:
+        return self.scenes.get(str(self.eval_root / f"{sample_id}.png"))
+
+    def key_of(self, sample: Sample) -> str:
+        return sample_key(sample, self.scene_of(sample))
+
+    # --- the rounds -----------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        from vlm_core.loop.report import write_outputs, write_tensorboard
+
+        history: list[dict[str, Any]] = []
+        for k in range(self.cfg.rounds + 1):
+            folder = self.out / f"round-{k}"
+            if self.cfg.resume and (folder / DONE).is_file():
+                history.append(json.loads((folder / "round.json").read_text()))
+                log.info("round %d: done in an earlier run, skipped", k)
+                continue
+            if folder.exists() and not self.cfg.resume:
+                shutil.rmtree(folder)
+            started = time.perf_counter()
+            record = self.round_zero(folder) if k == 0 else self.round(k, folder, history)
+            record["wall_s"] = round(time.perf_counter() - started, 1)
+            atomic_write_text(folder / "round.json", json.dumps(record, indent=1))
+            atomic_write_text(folder / DONE, "\n")
+            history.append(record)
+            write_outputs(self.out, history)
+            if self.cfg.tensorboard:
+                write_tensorboard(self.out / "tb", [record])
+            log.info("round %d finished in %.0f s: overall %.3f, %s", k, record["wall_s"], record["overall"],
+                     {s: round(a, 3) for s, a in record["skills"].items()})
+        write_outputs(self.out, history)
+        return history
+
+    def _job(self, folder: Path) -> JobConfig:
+        job = copy.deepcopy(self.cfg.job)
+        job.train.seed = self.cfg.seed
+        job.run_dir = str(folder / "train")
+        return job
+
+    def round_zero(self, folder: Path) -> dict[str, Any]:
+        job = self._job(folder)
+        if latest_checkpoint(folder / "train" / "checkpoints") is not None:
+            job.train.resume = str(folder / "train")  # killed during round 0: continue its own run
+        pool_path = self.out / "pool.parquet"
+        if not pool_path.is_file():
+            write_table(sample_table(self.pool, POOL_SOURCE, {"round": 0, "generator": "world"}, self.digest), pool_path)
+        report = self.run_job(job)
+        mixture = composition(pq.read_table(pool_path))
+        return self.record(0, folder, report, plan={}, generated={}, curation={}, mixture=mixture)
+
+    def round(self, k: int, folder: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        previous = history[k - 1]
+        scores = previous["scores"]
+        plan = plan_increment(scores, cfg.strategy, cfg.sampler)
+        generated = self.generate(k, folder, plan, scores, previous)
+        curated = curate_increment([(f"r{k}_{name}", batch) for name, batch in generated.items()], self.seen(k),
+                                   self.key_of)
+        lineage: dict[str, Any] = {POOL_SOURCE: {"round": 0, "generator": "world"}}
+        for j in range(1, k + 1):
+            for name in cfg.generators:
+                lineage[f"r{j}_{name}"] = {"round": j, "generator": name, "strategy": cfg.strategy}
+        for source, samples in curated.kept.items():
+            table = sample_table(samples, source, lineage[source], self.digest)
+            write_table(table, folder / f"increment-{source.split('_', 1)[1]}.parquet")
+        replaced = set(curated.replaced)
+        parts = [(self.out / "pool.parquet", cfg.rounds_train.pool_weight)]
+        for j in range(1, k + 1):
+            for name in cfg.generators:
+                part = self.out / f"round-{j}" / f"increment-{name}.parquet"
+                if part.is_file():
+                    parts.append((part, cfg.rounds_train.increment_weight))
+                replaced |= self._replaced(j) if j < k else set()
+        metadata = {
+            "config_hash": self.digest, "mixture_seed": cfg.seed, "world": asdict(cfg.job.data.world),
+            "sources": {name: {**info, **self._scenes_lineage(info["round"])} for name, info in lineage.items()},
+            "lineage": lineage, "replaced": sorted(replaced), "round": k, "strategy": cfg.strategy,
+        }
+        atomic_write_text(folder / "replaced.json", json.dumps(sorted(curated.replaced)))
+        manifest = folder / "manifest.parquet"
+        mixture = write_mixture(parts, replaced, manifest, metadata)
+        job = self.round_job(k, folder, manifest)
+        report = self.run_job(job)
+        curation = {"kept": {s: len(v) for s, v in curated.kept.items()}, "removed": dict(curated.removed),
+                    "replaced": len(curated.replaced)}
+        gen = {name: {"requested": b.requested, "produced": b.produced(), "rejected": b.rejected}
+               for name, b in generated.items()}
+        return self.record(k, folder, report, plan=plan, generated=gen, curation=curation, mixture=mixture)
+
+    def round_job(self, k: int, folder: Path, manifest: Path) -> JobConfig:
+        """Round k's training job: the round's mixture, continuing from round k-1's weights by default."""
+        rt = self.cfg.rounds_train
+        job = self._job(folder)
+        job.data.source, job.data.path = "manifest", str(manifest)
+        job.mixture.weights, job.mixture.seed = {}, self.cfg.seed + k
+        run_dir = folder / "train"
+        if latest_checkpoint(run_dir / "checkpoints") is not None:
+            job.train.resume = str(run_dir)  # killed during this round's training: continue it
+        if not rt.continue_from_previous:
+            return job
+        job.train.max_steps, job.train.lr, job.train.warmup_steps = rt.max_steps, rt.lr, rt.warmup_steps
+        job.train.min_lr_ratio, job.train.curriculum_fraction = rt.min_lr_ratio, 0.0
+        if job.train.resume is None:
+            job.train.resume = str(warm_start(self.out / f"round-{k - 1}" / "train", run_dir))
+        return job
+
+    def generate(self, k: int, folder: Path, plan: dict[str, int], scores: dict[str, float],
+                 previous: dict[str, Any]) -> dict[str, Generated]:
+        cfg = self.cfg
+        out: dict[str, Generated] = {}
+        avoid = frozenset(scene.key() for path, scene in self.scenes.items() if path.startswith(str(self.eval_root)))
+        teacher = WorldTeacher(cfg.job.data.world, cfg.teacher, folder / "images", avoid)
+        seed, split = teacher_seed(cfg.seed, k), f"r{k}"
+        # The teacher and the HTTP teacher share the planned budget; self-augment has its own (it adds no new images).
+        external = [g for g in cfg.generators if g in ("teacher", "http")]
+        shares = _divide_plan(plan, len(external))
+        for name, part in zip(external, shares):
+            if name == "teacher":
+                out[name] = teacher.generate(part, seed, split, f"r{k}_teacher", scores)
+            else:
+                http_world = WorldTeacher(cfg.job.data.world, cfg.teacher, folder / "images-http", avoid)
+                out[name] = HttpTeacher(cfg.http, http_world).generate(part, seed + 500, f"r{k}h", f"r{k}_http", scores)
+        if "self_augment" in cfg.generators and cfg.strategy != "none":
+            answer = _model_answerer(Path(previous["run_dir"]), cfg.self_augment)
+            start = (k - 1) * cfg.self_augment.images
+            captions = [s for s in self.pool if s.skill == "caption"]
+            pool = captions[start:] + captions[:start]  # a new slice of the pool each round
+            out["self_augment"] = SelfAugment(cfg.self_augment, answer).generate(pool, self.scene_of, f"r{k}_self_augment", k)
+        scene_rows = [
+            {"image": str(Path(path).relative_to(folder)), "scene": scene.to_json()}
+            for batch in out.values() for path, scene in batch.scenes.items() if Path(path).is_relative_to(folder)
+        ]
+        atomic_write_text(folder / "scenes.jsonl", "".join(json.dumps(row) + "\n" for row in scene_rows))
+        return out
+
+    def seen(self, k: int) -> set[str]:
+        """Keys of the pool and of every increment before round k (what the new data is deduplicated against)."""
+        seen = {self.key_of(sample) for sample in self.pool}
+        from vlm_core.data.manifest import read_manifest
+
+        for j in range(1, k):
+            for name in self.cfg.generators:
+                part = self.out / f"round-{j}" / f"increment-{name}.parquet"
+                if part.is_file():
+                    for rows in read_manifest(part, check_images=False).samples.values():
+                        seen.update(sample_key(s, self._increment_scene(j, s)) for s in rows)
+        return seen
+
+    def _increment_scene(self, j: int, sample: Sample) -> Scene | None:
+        scene = self.scene_of(sample)
+        if scene is not None:
+            return scene
+        cache = self._round_scenes
+        if j not in cache:
+            folder = self.out / f"round-{j}"
+            rows = (folder / "scenes.jsonl").read_text().splitlines() if (folder / "scenes.jsonl").is_file() else []
+            cache[j] = {str(folder / r["image"]): Scene.from_json(r["scene"]) for r in map(json.loads, rows)}
+        return cache[j].get(str(sample.image_paths[0])) if sample.image_paths else None
+
+    def _replaced(self, j: int) -> set[str]:
+        path = self.out / f"round-{j}" / "replaced.json"
+        return set(json.loads(path.read_text())) if path.is_file() else set()
+
+    def _scenes_lineage(self, round_index: int) -> dict[str, str]:
+        folder = self.out / f"round-{round_index}"
+        if round_index == 0 or not (folder / "scenes.jsonl").is_file():
+            return {}
+        return {"scenes": str(folder / "scenes.jsonl"), "image_root": str(folder)}
+
+    def record(self, k: int, folder: Path, report: EvalReport | None, plan: dict[str, int], generated: dict,
+               curation: dict, mixture: dict | None) -> dict[str, Any]:
+        """The round's entry of rounds.json."""
+        run_dir = folder / "train"
+        if report is None:
+            raise RuntimeError(f"round {k}: training in {run_dir} produced no evaluation; the loop needs eval enabled")
+        analysis = analyse(report.predictions, report.chance, self.eval_scene)
+        return {
+            "round": k, "strategy": self.cfg.strategy, "seed": self.cfg.seed, "run_dir": str(run_dir),
+            "skills": report.skills, "overall": report.overall, "chance": report.chance,
+            "scores": analysis.scores(self.cfg.sampler.score_vs_chance),
+            "caption_hallucination_rate": analysis.caption_hallucination_rate,
+            "analysis": analysis.to_json(), "plan": plan, "generated": generated, "curation": curation,
+            "mixture": mixture,
+        }
+
+
+def warm_start(previous_run: Path, run_dir: Path) -> Path:
+    """A checkpoint in ``run_dir`` holding the previous round's weights, with stages 0 and 1 marked complete.
+
+    ``train.resume`` pointed at it loads the weights and skips the tower and alignment stages, and stage 2
+    (instruction tuning) starts at its step 0 with a fresh optimizer and schedule on the new mixture.
+    """
+    source = latest_checkpoint(previous_run / "checkpoints")
+    if source is None:
+        raise FileNotFoundError(f"{previous_run}/checkpoints holds no checkpoint to continue from")
+    state = json.loads((source / "state.json").read_text())
+    target = run_dir / "warm-start"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copy2(source / "model.safetensors", target / "model.safetensors")
+    warm = {key: state[key] for key in ("model_config", "tokenizer_dir", "parallel") if key in state}
+    warm.update({"stage": "align", "stage_step": 0, "step": 0, "data": {}, "completed_stages": ["tower", "align"],
+                 "warm_start_from": str(source)})
+    atomic_write_text(target / "state.json", json.dumps(warm, indent=1))
+    return target
+
+
+def _divide_plan(plan: dict[str, int], parts: int) -> list[dict[str, int]]:
+    """Split each category's count across ``parts`` generators (earlier ones get the remainder)."""
+    if parts == 0:
+        return []
+    return [{skill: n // parts + (1 if i < n % parts else 0) for skill, n in plan.items()} for i in range(parts)]
+
+
+def _model_answerer(run_dir: Path, cfg: SelfAugmentConfig) -> Callable[[list[Sample]], list[str]]:
+    """Greedy answers of the model in ``run_dir`` (loaded once, on the CPU)."""
+    from vlm_core.data.image import ImageProcessor
+    from vlm_core.data.tokenizer import ChatEncoder
+    from vlm_core.eval.evaluate import answer_questions
+    from vlm_core.hf.checkpoint import load_trained
+
+    trained = load_trained(run_dir)
+    encoder = ChatEncoder(trained.tokenizer, trained.config.vision.num_patches)
+    vision = trained.config.vision
+    processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std)
+
+    def answer(samples: list[Sample]) -> list[str]:
+        return answer_questions(trained.model, samples, encoder, processor, cfg.max_new_tokens, cfg.batch_size)
+
+    return answer
+
+
+def run_loop(cfg: MetabolizeConfig, run_job: RunJob | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) every round of ``cfg``; returns the rounds' records (also in ``rounds.json``)."""
+    return Loop(cfg, run_job).run()
