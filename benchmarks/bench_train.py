@@ -1,0 +1,414 @@
+"""Benchmark of one training step: the project's packed step against Hugging Face's LLaVA, and MFU on a GPU.
+
+Setup (one function, shared by every provider and mode): the built-in world's training samples (the default
+``data`` config: generated into ``data.cache_dir`` on first use, then cached), tokenized with the project's
+chat template, drawn in a seeded order; ``--steps`` batches of ``--batch-size`` samples, the same batches
+for every provider. One model is built (``--model``, with ``model.image_attention=causal`` so that the two
+providers compute the same function) and HF gets its weights.
+
+Providers:
+    ours  the project's stage-2 step (vlm_core.train): samples packed into rows of ``--row-len`` slots
+          (first-fit-decreasing, cu_seqlens, no attention across samples), the LM head only on the rows that
+          carry a label, the fused kernels where the device has them (``model.kernel_impl=auto``: Triton on
+          CUDA, the reference on the CPU), AdamW
+    hf    transformers' ``LlavaForConditionalGeneration`` of the same dimensions and weights
+          (vlm_core.hf.export.llava_config / vlm_core.hf.mapping), each batch padded the usual way (right
+          padding to the longest sample of the batch, ``attention_mask``, labels -100 on prompts and
+          padding), SDPA attention, full logits, AdamW
+
+Both train what stage 2 trains (projector and decoder; the tower is frozen) under the same precision
+(``--precision auto``: bf16 autocast on CUDA and on CPUs with native bf16, as ``train.precision=auto``).
+Before timing, one fp32 batch checks that the two compute the same loss ("loss |ours - hf|").
+
+Modes: ``forward`` (no autograd graph) and ``full`` (forward, backward and the optimizer step). Times are
+medians over the timed steps (after ``--warmup`` steps), with CUDA synchronised. ``tokens/s`` counts real
+tokens (padding excluded); "x vs hf" is ours' tokens/s over hf's from the same run.
+
+Model FLOPs of a ``full`` step (``forward`` = the same terms with factor 2 for every trained part), the
+stage-2 recipe (2 FLOPs per multiply-add; backward = 2x forward):
+
+    vision (frozen: forward only)   2 * N_vision * P_in + 4 * layers_v * D_v * P_in^2          per image
+    projector                       6 * N_projector                                           per image token
+    decoder matmuls                 6 * N_decoder                                             per real token
+    decoder attention               3 * 4 * layers * Hq * Dh * allowed_pairs                  per sample
+    LM head                         6 * D * V                                                 per supervised token
+
+N_* are the parameters of the matrix multiplies (embedding lookups excluded), P_in the tower's tokens per
+image (P, +1 with a CLS token), ``allowed_pairs`` = L (L + 1) / 2 per sample of length L (causal). The
+LM head is counted on the supervised tokens only, the FLOPs the loss needs (HF spends 6 * D * V on every
+token; counting only what is needed makes the MFU a lower bound). MFU = model FLOPs / step time / peak,
+with the peak bf16 dense tensor throughput of the GPU (``--peak-tflops``; H100 SXM and H200: 989).
+
+CPU:  python benchmarks/bench_train.py                      (tiny model; ours vs hf, tokens/s and the ratio)
+GPU:  python benchmarks/bench_train.py --model small        (MFU at TP=1 on one device; hf as well)
+      add --providers ours to skip the HF baseline.
+Results go to benchmarks/results/train_<model>_<device>.md; the header records the device, date, commit,
+library versions and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import importlib.metadata
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from curation.sources.world.config import WorldConfig
+from vlm_core.config import DataConfig
+from vlm_core.data.dataset import SFTDataset
+from vlm_core.data.image import ImageProcessor
+from vlm_core.data.packing import pack
+from vlm_core.data.prepare import prepare_data
+from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
+from vlm_core.model.config import ModelConfig, VisionConfig
+from vlm_core.model.vlm import VLM
+from vlm_core.train.lm import lm_loss
+from vlm_core.train.loop import autocast, use_bf16
+from vlm_core.train.optim import build_optimizer
+from vlm_core.types import IGNORE_INDEX, TokenizedSample
+
+PROVIDERS = ("ours", "hf")
+MODES = ("forward", "full")
+TRAINABLE = ["projector", "decoder"]  # stage 2
+# bf16 dense tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def model_config(name: str) -> ModelConfig:
+    """``conf/model/<name>.yaml`` (tiny, small) with causal image attention, as LLaVA computes it."""
+    from omegaconf import (
+        OmegaConf,  # an entry point: reads the same YAML train.py composes
+    )
+
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"--model {name!r}: no {path}")
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    vision = VisionConfig(**values.pop("vision", {}))
+    return ModelConfig(vision=vision, **{**values, "image_attention": "causal"})
+
+
+@dataclass
+class Setup:
+    cfg: ModelConfig
+    tokenizer: object
+    batches: list[list[TokenizedSample]]  # the same batches for every provider
+    device: torch.device
+    bf16: bool
+
+
+def setup(model: str, batch_size: int, steps: int, device: torch.device, precision: str, data_cfg: DataConfig,
+          seed: int = 0) -> Setup:
+    """World samples -> tokenized batches (same for every provider); the model config."""
+    cfg = model_config(model)
+    if cfg.projector_hidden is None or cfg.projector_hidden != cfg.dim:
+        cfg = replace(cfg, projector_hidden=cfg.dim)  # LLaVA's projector is D_v -> D -> D
+    with tempfile.TemporaryDirectory() as run_dir:
+        data = prepare_data(data_cfg, Path(run_dir), show_progress=False)
+        tokenizer = load_tokenizer(data.tokenizer_dir)
+    encoder = ChatEncoder(tokenizer, cfg.vision.num_patches)
+    processor = ImageProcessor(cfg.vision.image_size, cfg.vision.image_mean, cfg.vision.image_std)
+    dataset = SFTDataset(data.train, encoder, processor, cache_images=False)
+    order = np.random.default_rng(seed).permutation(len(dataset))[: batch_size * steps]
+    samples = [dataset[int(index)] for index in order]
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    return Setup(cfg, tokenizer, batches, device, use_bf16(precision, device))
+
+
+# ------------------------------------------------------------------------------------------ providers
+
+
+def build_models(s: Setup) -> tuple[VLM, torch.nn.Module]:
+    """The native VLM and HF's LlavaForConditionalGeneration with the same weights, on the device."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm_core.hf.export import llava_config
+    from vlm_core.hf.mapping import llava_from_native
+
+    torch.manual_seed(0)
+    image_token_id = s.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ours = VLM(s.cfg, vocab_size=len(s.tokenizer), image_token_id=image_token_id)
+    hf = LlavaForConditionalGeneration(llava_config(s.cfg, len(s.tokenizer), s.tokenizer))
+    missing, unexpected = hf.load_state_dict(llava_from_native(ours.state_dict(), s.cfg), strict=False)
+    if unexpected or [name for name in missing if name != "lm_head.weight"]:
+        raise RuntimeError(f"HF weights do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.tie_weights()
+    hf.config.use_cache = False
+    return ours.to(s.device), hf.to(s.device)
+
+
+def hf_inputs(samples: list[TokenizedSample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch [B, T_max] with attention_mask and labels (-100 on prompts and padding)."""
+    longest = max(sample.input_ids.numel() for sample in samples)
+    input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = sample.input_ids.numel()
+        input_ids[row, :n] = sample.input_ids
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.where(sample.loss_mask, sample.input_ids, IGNORE_INDEX)
+    pixel_values = torch.cat([sample.images for sample in samples])  # [N_img, C, H, W]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def freeze_hf_tower(hf: torch.nn.Module) -> list[torch.nn.Parameter]:
+    hf.model.vision_tower.requires_grad_(False)
+    return [p for p in hf.parameters() if p.requires_grad]
+
+
+def step_fns(s: Setup, ours: VLM, hf: torch.nn.Module, mode: str, row_len: int) -> dict:
+    """provider -> (prepare(batch) -> inputs, step(inputs) -> None); preparing is not timed."""
+    pad_id = s.tokenizer.pad_token_id
+    loss_fn = functools.partial(lm_loss, per_sample=False)  # HF's objective: the mean over supervised tokens
+    ours_opt = build_optimizer(ours, TRAINABLE, 1e-4, 0.0, (0.9, 0.98))
+    hf_opt = torch.optim.AdamW(freeze_hf_tower(hf), lr=1e-4, betas=(0.9, 0.98), foreach=False)
+
+    def ours_step(batch) -> None:
+        if mode == "forward":
+            with torch.no_grad(), autocast(s.device, s.bf16):
+                loss_fn(ours, batch)
+            return
+        ours_opt.zero_grad(set_to_none=True)
+        with autocast(s.device, s.bf16):
+            out = loss_fn(ours, batch)
+        (out.loss_sum / out.units).backward()
+        ours_opt.step()
+
+    def hf_step(batch) -> None:
+        if mode == "forward":
+            with torch.no_grad(), autocast(s.device, s.bf16):
+                hf(**batch)
+            return
+        hf_opt.zero_grad(set_to_none=True)
+        with autocast(s.device, s.bf16):
+            loss = hf(**batch).loss
+        loss.backward()
+        hf_opt.step()
+
+    return {
+        "ours": (lambda samples: pack(samples, row_len, pad_id=pad_id).to(s.device), ours_step),
+        "hf": (lambda samples: hf_inputs(samples, pad_id, s.device), hf_step),
+    }
+
+
+def loss_agreement(s: Setup, ours: VLM, hf: torch.nn.Module, row_len: int) -> float:
+    """|ours - hf| of the fp32 mean loss of the first batch (the two must compute the same function)."""
+    samples = s.batches[0]
+    with torch.no_grad():
+        out = lm_loss(ours, pack(samples, row_len, pad_id=s.tokenizer.pad_token_id).to(s.device))
+        ours_loss = float(out.loss_sum) / out.units
+        hf_loss = float(hf(**hf_inputs(samples, s.tokenizer.pad_token_id, s.device)).loss)
+    return abs(ours_loss - hf_loss)
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def matmul_params(module: torch.nn.Module) -> int:
+    """Parameters of the module's matrix multiplies (Linear weights, conv kernels; no embeddings, norms)."""
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
+            total += sub.weight.numel()
+    return total
+
+
+def model_flops(cfg: ModelConfig, model: VLM, samples: list[TokenizedSample], mode: str) -> float:
+    """The module docstring's formula for one step over ``samples``."""
+    train = 6 if mode == "full" else 2  # trained parts: forward + backward (2x); frozen tower: forward only
+    v = cfg.vision
+    tokens_in = v.num_patches + int(v.class_token)  # P_in
+    images = sum(sample.images.shape[0] for sample in samples)
+    image_tokens = images * v.num_patches
+    real = sum(sample.input_ids.numel() for sample in samples)
+    supervised = sum(int(sample.loss_mask[1:].sum()) for sample in samples)
+    pairs = sum(n * (n + 1) // 2 for n in (sample.input_ids.numel() for sample in samples))
+    decoder_matmuls = matmul_params(model.decoder.layers)
+    flops = images * (2 * matmul_params(model.vision) * tokens_in + 4 * v.layers * v.dim * tokens_in**2)
+    flops += train * matmul_params(model.projector) * image_tokens
+    flops += train * decoder_matmuls * real
+    flops += (train // 2) * 4 * cfg.layers * cfg.heads * cfg.head_dim * pairs
+    flops += train * cfg.dim * model.vocab_size * supervised
+    return float(flops)
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override is not None:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_providers(s: Setup, fns: dict, providers: list[str], warmup: int) -> dict[str, tuple[list[float], float | None]]:
+    """provider -> (per-step seconds over the batches, CUDA peak MiB); ``warmup`` untimed steps first.
+
+    The providers alternate step by step (ours on batch i, hf on batch i, ours on batch i + 1, ...), so a
+    change in the machine's load during the run (a shared CPU) weighs on both and the ratio stays fair.
+    """
+    prepared = {p: [fns[p][0](batch) for batch in s.batches] for p in providers}
+    for provider in providers:
+        for index in range(warmup):
+            fns[provider][1](prepared[provider][index % len(s.batches)])
+    sync(s.device)
+    times: dict[str, list[float]] = {p: [] for p in providers}
+    peaks: dict[str, float | None] = dict.fromkeys(providers)
+    for index in range(len(s.batches)):
+        for provider in providers:
+            if s.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(s.device)
+            start = time.perf_counter()
+            fns[provider][1](prepared[provider][index])
+            sync(s.device)
+            times[provider].append(time.perf_counter() - start)
+            if s.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(s.device) / 2**20
+                peaks[provider] = max(peaks[provider] or 0.0, peak)
+    return {p: (times[p], peaks[p]) for p in providers}
+
+
+def git_commit(root: Path) -> str:
+    from benchmarks.bench_packed_attention import (
+        git_commit as read_commit,  # one reader for all benchmarks
+    )
+
+    return read_commit(root)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}", f"CUDA {torch.version.cuda}"]
+    for distribution in ("transformers", "triton", "megatron-core"):
+        try:
+            parts.append(f"{distribution} {importlib.metadata.version(distribution)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{distribution} not installed")
+    return ", ".join(parts)
+
+
+COLUMNS = ["model", "mode", "provider", "precision", "batch", "real tokens/step", "slots/step", "ms/step (median)",
+           "tokens/s", "x vs hf", "TFLOP/s", "MFU", "peak MiB"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long CPU check (CI): a 16-records-per-skill world, batch 8, 2 steps")
+    parser.add_argument("--model", choices=("tiny", "small"), default=None, help="default: small on CUDA, tiny on CPU")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step (train.batch_size)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (distinct batches)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compiles, caches)")
+    parser.add_argument("--row-len", type=int, default=None, help="packed row length (default 512 tiny, 2048 small)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--attn-impl", default="auto", help="ours: model.attn_impl (auto = the training default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (TFLOP/s)")
+    parser.add_argument("--cache-dir", default=DataConfig().cache_dir, help="where the built-in world is cached")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    data_cfg = DataConfig(cache_dir=args.cache_dir)
+    if args.smoke:
+        data_cfg = DataConfig(cache_dir=args.cache_dir, world=WorldConfig(train_per_skill=16, eval_per_skill=2))
+        args.batch_size, args.steps, args.warmup = 8, 2, 1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_name = args.model or ("small" if device.type == "cuda" else "tiny")
+    row_len = args.row_len or (2048 if model_name == "small" else 512)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = setup(model_name, args.batch_size, args.steps, device, args.precision, data_cfg)
+    s.cfg = replace(s.cfg, attn_impl=args.attn_impl)
+    ours, hf = build_models(s)
+    agreement = loss_agreement(s, ours, hf, row_len)
+    peak = peak_flops(device, args.peak_tflops)
+    precision = "bf16 autocast" if s.bf16 else "fp32"
+    rows = []
+    for mode in args.modes:
+        fns = step_fns(s, ours, hf, mode, row_len)
+        timed = time_providers(s, fns, args.providers, args.warmup)
+        results = {provider: (statistics.median(times), peak) for provider, (times, peak) in timed.items()}
+        for provider in args.providers:
+            median, peak_mib = results[provider]
+            real = statistics.mean(sum(x.input_ids.numel() for x in b) for b in s.batches)
+            if provider == "ours":
+                slots = statistics.mean(pack(b, row_len).total for b in s.batches)
+            else:
+                slots = statistics.mean(len(b) * max(x.input_ids.numel() for x in b) for b in s.batches)
+            flops = statistics.mean(model_flops(s.cfg, ours, b, mode) for b in s.batches)
+            tokens_per_s = real / median
+            ratio = ""
+            if "hf" in results and provider == "ours":
+                ratio = f"{tokens_per_s / (real / results['hf'][0]):.2f}"
+            rows.append({
+                "model": model_name, "mode": mode, "provider": provider, "precision": precision,
+                "batch": args.batch_size, "real tokens/step": f"{real:.0f}", "slots/step": f"{slots:.0f}",
+                "ms/step (median)": f"{median * 1e3:.1f}", "tokens/s": f"{tokens_per_s:,.0f}", "x vs hf": ratio,
+                "TFLOP/s": f"{flops / median / 1e12:.3g}", "MFU": f"{flops / median / peak:.1%}" if peak else "",
+                "peak MiB": f"{peak_mib:.0f}" if peak_mib is not None else "",
+            })
+            print(rows[-1], flush=True)
+    header = [
+        f"device: {device_name(device)}",
+        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"commit: {git_commit(ROOT)} (working tree may differ)",
+        f"versions: {versions()}",
+        f"command: python benchmarks/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
+        (f"model: {model_name} ({sum(p.numel() for p in ours.parameters()):,} parameters, vocab {ours.vocab_size}), "
+         f"row_len {row_len}, {args.steps} timed steps after {args.warmup} warm-up steps"),
+        f"loss |ours - hf| on the first batch in fp32: {agreement:.2e} (same weights, same function)",
+        f"MFU peak: {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: not on CPU (no meaningful peak)",
+    ]
+    stem = f"train_{model_name}_{device.type}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{stem}.md"
+    lines = [f"# Training-step benchmark ({stem})", ""] + [f"- {line}" for line in header] + [""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |" for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
