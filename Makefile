@@ -16,7 +16,17 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The optional compiled extension (csrc/ -> vlm_core/_ext.so): built in place with the venv's torch,
+# rebuilt when a source changes. setup.py marks it optional, so a missing compiler only warns and the
+# Python references run instead (vlm_core/kernels/ext.py logs the fallback).
+EXT_STAMP := $(VENV)/.ext-built
+CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+
+$(EXT_STAMP): $(STAMP) $(CSRC)
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	touch $(EXT_STAMP)
+
+setup: $(STAMP) $(EXT_STAMP)
 
 train: setup
 	$(BIN)/python train.py $(ARGS)

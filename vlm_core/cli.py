@@ -3,17 +3,24 @@
 ``register_configs`` puts the typed schema into Hydra's ConfigStore, so the YAML under ``conf/`` is
 merged onto dataclasses and a wrongly typed override fails before anything runs. ``to_job_config``
 converts the composed config once, into the dataclasses that every other module receives.
+``register_curate_configs`` and ``to_curate_config`` do the same for ``curate.py``, and
+``register_metabolize_configs`` and ``to_metabolize_config`` for ``metabolize.py``, whose sweeps
+:class:`SweepSummaryCallback` collates.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from curation.config import CurateConfig
 from vlm_core.config import JobConfig
+from vlm_core.loop.config import MetabolizeConfig
 
 T = TypeVar("T")
 
@@ -22,7 +29,40 @@ def register_configs() -> None:
     """Register the schema that ``conf/config.yaml`` names first in its defaults list."""
     schema = OmegaConf.structured(JobConfig)
     _unresolve_derived(schema)
+    _open_dicts(schema)
     ConfigStore.instance().store(name="job_schema", node=schema)
+
+
+def register_curate_configs() -> None:
+    """Register the schema that ``conf/curate.yaml`` names first in its defaults list."""
+    schema = OmegaConf.structured(CurateConfig)
+    _open_dicts(schema)
+    ConfigStore.instance().store(name="curate_schema", node=schema)
+
+
+def register_metabolize_configs() -> None:
+    """Register the schema that ``conf/metabolize.yaml`` names first in its defaults list."""
+    schema = OmegaConf.structured(MetabolizeConfig)
+    _unresolve_derived(schema)
+    _open_dicts(schema)
+    ConfigStore.instance().store(name="metabolize_schema", node=schema)
+
+
+def _open_dicts(node: DictConfig) -> None:
+    """Let user-keyed dict fields (``mixture.weights``, ``sources``) take new keys without Hydra's ``+``.
+
+    Hydra locks the composed config (struct mode), so ``mixture.weights.ocr=0.2`` would otherwise fail with
+    "Key 'ocr' is not in struct". Dataclass fields stay locked, so a misspelt field still fails, and the
+    values are still checked against the dict's value type.
+    """
+    for key in node:
+        child = node._get_node(key)
+        if not isinstance(child, DictConfig):
+            continue
+        if OmegaConf.get_type(child) is dict:
+            OmegaConf.set_struct(child, False)
+        else:
+            _open_dicts(child)
 
 
 def _unresolve_derived(node: DictConfig) -> None:
@@ -47,3 +87,33 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
     if job.run_dir is None and HydraConfig.initialized():
         job.run_dir = HydraConfig.get().runtime.output_dir
     return job
+
+
+def to_curate_config(cfg: DictConfig) -> CurateConfig:
+    """Convert the composed ``conf/curate.yaml`` into a :class:`CurateConfig`."""
+    curate = OmegaConf.to_object(cfg)
+    if not isinstance(curate, CurateConfig):
+        raise TypeError(f"conf/curate.yaml must start from curate_schema; got {type(curate).__name__}")
+    return curate
+
+
+def to_metabolize_config(cfg: DictConfig) -> MetabolizeConfig:
+    """Convert the composed ``conf/metabolize.yaml``; ``output_dir`` defaults to Hydra's output dir."""
+    loop = OmegaConf.to_object(cfg)
+    if not isinstance(loop, MetabolizeConfig):
+        raise TypeError(f"conf/metabolize.yaml must start from metabolize_schema; got {type(loop).__name__}")
+    if loop.output_dir is None and HydraConfig.initialized():
+        loop.output_dir = HydraConfig.get().runtime.output_dir
+    return loop
+
+
+class SweepSummaryCallback(Callback):
+    """At the end of ``metabolize.py -m``, collate every job's rounds.json into sweep_summary.md and .csv."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from vlm_core.loop.report import collate
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        runs = [path.parent for path in sweep_dir.glob("*/rounds.json")]
+        rows = collate(runs, sweep_dir, title=f"Sweep summary ({sweep_dir})")
+        print(f"sweep summary of {len(rows)} runs → {sweep_dir / 'sweep_summary.md'}")

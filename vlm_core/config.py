@@ -8,13 +8,14 @@ module below the entry points receives them as plain dataclasses. Derived values
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from curation.sources.world.config import SKILLS, WorldConfig
 from vlm_core.model.config import ModelConfig
+from vlm_core.parallel.config import ParallelConfig
 
 MODULE_NAMES: tuple[str, ...] = ("vision", "projector", "decoder")
-SOURCES: tuple[str, ...] = ("world", "llava")
+SOURCES: tuple[str, ...] = ("world", "llava", "manifest")
 
 
 @dataclass
@@ -33,15 +34,30 @@ class TokenizerConfig:
 
 
 @dataclass
+class MixtureConfig:
+    """Per-source weights over a curated manifest (``data.source=manifest``), overriding the ones it was written
+    with: ``mixture.weights.ocr=0.2`` keeps a seeded 20% of source ``ocr``; 2.5 = two copies and a seeded half."""
+
+    weights: dict[str, float] = field(default_factory=dict)  # source name → repetition factor; unnamed: the manifest's
+    seed: Optional[int] = None  # draws the fractional parts; None = the seed the manifest was curated with
+
+    def __post_init__(self) -> None:
+        bad = {name: weight for name, weight in self.weights.items() if not 0 <= weight < float("inf")}
+        if bad:
+            raise ValueError(f"mixture.weights: {bad}; each weight must be a finite number >= 0")
+
+
+@dataclass
 class DataConfig:
     """Training and held-out data: the built-in world (default) or LLaVA-format JSON files."""
 
-    source: str = "world"  # "world": generate the built-in world; "llava": read train_json/eval_json
+    source: str = "world"  # "world": the built-in world; "llava": train_json/eval_json; "manifest": curate.py's output
     cache_dir: str = "~/.cache/vlm-data-metabolism"  # the world, its tokenizer and pretrained towers are cached here
     world: WorldConfig = field(default_factory=WorldConfig)
     train_json: Optional[str] = None  # source=llava: training records (JSON list or JSONL)
     eval_json: Optional[str] = None  # source=llava: held-out records; None = train only, no eval
     image_root: Optional[str] = None  # source=llava: image paths in the records are relative to this folder
+    path: Optional[str] = None  # source=manifest: a manifest.parquet written by curate.py
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     row_len: int = 512  # slots per packed row; a sample longer than this is an error, not a truncation
     on_bad_record: str = "quarantine"  # "quarantine": log and skip bad records; "error": stop at the first
@@ -52,6 +68,8 @@ class DataConfig:
             raise ValueError(f"data.source={self.source!r}; expected one of {list(SOURCES)}")
         if self.source == "llava" and not (self.train_json and self.image_root):
             raise ValueError("data.source=llava needs data.train_json=PATH and data.image_root=DIR")
+        if self.source == "manifest" and not self.path:
+            raise ValueError("data.source=manifest needs data.path=PATH/manifest.parquet (curate.py writes one)")
         if self.on_bad_record not in ("quarantine", "error"):
             raise ValueError(f"data.on_bad_record={self.on_bad_record!r}; expected 'quarantine' or 'error'")
         if self.row_len < 16:
@@ -161,19 +179,50 @@ class TrainConfig:
         _check_modules("train.trainable", self.trainable)
 
 
+EVAL_FORMATS: tuple[str, ...] = ("world", "pope", "mme", "mmbench", "vqa")
+# LLaVA-1.5's evaluation prompts (its scripts/v1_5/eval): short-answer benchmarks end every question so.
+DEFAULT_PROMPT_SUFFIX: dict[str, str] = {
+    "pope": "\nAnswer the question using a single word or phrase.",
+    "mme": "\nAnswer the question using a single word or phrase.",
+    "vqa": "\nAnswer the question using a single word or phrase.",
+    "mmbench": "\nAnswer with the option's letter from the given choices directly.",
+}
+
+
 @dataclass
 class EvalConfig:
-    """Held-out evaluation after training: greedy generation, scored per skill."""
+    """Evaluation after training: greedy generation, scored per skill (or per benchmark subset).
+
+    ``format=world`` scores the data's held-out split (the world's oracle, or exact match for LLaVA
+    data). The other formats read a standard benchmark (vlm_core.eval.formats): ``questions`` is the
+    file (POPE and VQA: JSONL; MMBench: TSV with base64 images) or, for MME, the benchmark's root
+    folder; ``images`` is the folder image paths are relative to (they may not leave it).
+    """
+
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("prompt_suffix",)
 
     enabled: bool = True
     max_new_tokens: int = 72  # a 6-object caption is ~50 tokens
     batch_size: int = 128  # prompts decoded together
-    limit_per_skill: Optional[int] = None  # evaluate at most this many records per skill; None = all
+    limit_per_skill: Optional[int] = None  # evaluate at most this many records per skill (benchmarks: per subset); None = all
     show_examples: int = 2  # examples per skill kept in eval.json
+    format: str = "world"  # one of EVAL_FORMATS
+    questions: Optional[str] = None  # benchmark file (pope, vqa: .jsonl; mmbench: .tsv) or folder (mme); required unless world
+    images: Optional[str] = None  # image folder of pope and vqa (required); mme: None = the questions folder; mmbench: unused
+    # Appended to every benchmark question; None = the format's instruction from LLaVA-1.5's evaluation
+    # (DEFAULT_PROMPT_SUFFIX above), "" = none (a model trained only on the world knows none).
+    prompt_suffix: Optional[str] = None
+    circular: bool = True  # mmbench: ask every rotation of the options; a question counts only if all are right
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1")
+        if self.format not in EVAL_FORMATS:
+            raise ValueError(f"eval.format={self.format!r}; expected one of {list(EVAL_FORMATS)}")
+        if self.limit_per_skill is not None and self.limit_per_skill < 1:
+            raise ValueError(f"eval.limit_per_skill={self.limit_per_skill} must be >= 1 (or None for all)")
+        if self.prompt_suffix is None:
+            self.prompt_suffix = DEFAULT_PROMPT_SUFFIX.get(self.format, "")
 
 
 @dataclass
@@ -181,9 +230,11 @@ class JobConfig:
     """Everything ``train.py`` needs. ``run_dir`` is filled in by the entry point (Hydra's output dir)."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # tensor x data parallelism (vlm_core.parallel)
     run_dir: Optional[str] = None
 
 

@@ -4,11 +4,16 @@ For ``data.source=world`` the built-in world is generated once into ``data.cache
 through the same LLaVA loader as real data; its tokenizer is trained on the world's training text and
 cached beside it. For ``data.source=llava`` the given JSON files are read. Bad records go to
 ``quarantine.jsonl`` in the run directory (or stop the run with ``data.on_bad_record=error``).
+For ``data.source=manifest`` the training samples are a curated manifest's rows, expanded by the mixture
+weights (``mixture.weights`` overrides the written ones); a manifest curated from the built-in world is
+evaluated on the world's held-out split with the world's oracle, like ``data.source=world``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,9 +26,11 @@ from curation.sources.world import (
     load_scenes,
     normalize,
 )
+from curation.sources.world.config import WorldConfig
 from curation.sources.world.scene import Scene
-from vlm_core.config import DataConfig
+from vlm_core.config import DataConfig, MixtureConfig
 from vlm_core.data.llava import load_llava, write_quarantine
+from vlm_core.data.manifest import read_manifest
 from vlm_core.data.tokenizer import load_tokenizer, train_tokenizer
 from vlm_core.types import QuarantinedRecord, Sample
 
@@ -46,8 +53,13 @@ class PreparedData:
     scenes: dict[str, Scene] = field(default_factory=dict)  # world only: image path relative to its root → scene
 
 
-def prepare_data(cfg: DataConfig, run_dir: Path, show_progress: bool = True) -> PreparedData:
-    """Build or load the data of a run; write the quarantine list into ``run_dir``."""
+def prepare_data(
+    cfg: DataConfig, run_dir: Path, show_progress: bool = True, mixture: MixtureConfig | None = None
+) -> PreparedData:
+    """Build or load the data of a run; write the quarantine list into ``run_dir``.
+
+    ``mixture`` (the job's top-level ``mixture`` config) re-weighs the sources of ``data.source=manifest``.
+    """
     strict = cfg.on_bad_record == "error"
     cache_dir = Path(cfg.cache_dir).expanduser()
     if cfg.source == "world":
@@ -58,6 +70,8 @@ def prepare_data(cfg: DataConfig, run_dir: Path, show_progress: bool = True) -> 
         tokenizer_dir = _world_tokenizer(cfg, world, train)
         scorer = _world_scorer(world, scenes)
         chance = {skill: chance_level(skill, cfg.world) for skill in cfg.world.skills}
+    elif cfg.source == "manifest":
+        return _prepare_manifest(cfg, run_dir, show_progress, mixture)
     else:
         image_root = Path(cfg.image_root).expanduser()
         train, bad_train = load_llava(Path(cfg.train_json).expanduser(), image_root, strict=strict)
@@ -81,11 +95,58 @@ def prepare_data(cfg: DataConfig, run_dir: Path, show_progress: bool = True) -> 
     return PreparedData(train, held_out, tokenizer_dir, scorer, chance, quarantined, world, scenes)
 
 
+def _prepare_manifest(
+    cfg: DataConfig, run_dir: Path, show_progress: bool, mixture: MixtureConfig | None
+) -> PreparedData:
+    """Training samples from a curated manifest; held-out data and scoring from its world, if it has one."""
+    manifest = read_manifest(Path(cfg.path))
+    mixture = mixture or MixtureConfig()
+    train = manifest.mixture(mixture.weights, mixture.seed)
+    log.info("manifest %s: %d rows in %s → %d training samples with weights %s", cfg.path,
+             sum(len(rows) for rows in manifest.samples.values()), sorted(manifest.samples), len(train),
+             {name: mixture.weights.get(name, weight) for name, weight in manifest.weights.items()})
+    write_quarantine([], run_dir / "quarantine.jsonl")  # curation already quarantined (see its quarantine.jsonl)
+    if not train:
+        raise ValueError(f"data.path={cfg.path}: the mixture is empty (every weight 0 or no rows)")
+    world_dict = manifest.metadata.get("world")
+    if not world_dict:
+        held_out: list[Sample] = []
+        if cfg.eval_json:
+            held_out, _ = load_llava(Path(cfg.eval_json).expanduser(), Path(cfg.image_root or ".").expanduser())
+        return PreparedData(train, held_out, _external_tokenizer(cfg, run_dir, train), exact_match_scorer, {})
+    world_cfg = WorldConfig(**world_dict)
+    world = build_world(world_cfg, Path(cfg.cache_dir).expanduser(), show_progress=show_progress)
+    held_out, _ = load_llava(world.eval_json, world.image_root, source="world/eval")
+    view, scenes = _world_view(world, manifest.metadata)
+    tokenizer_dir = _world_tokenizer(cfg, world, [])
+    chance = {skill: chance_level(skill, world_cfg) for skill in world_cfg.skills}
+    log.info("data: %d training samples from the manifest, %d held-out world samples", len(train), len(held_out))
+    return PreparedData(train, held_out, tokenizer_dir, _world_scorer(view, scenes), chance, [], view, scenes)
+
+
+def _world_view(world: WorldPaths, metadata: dict) -> tuple[WorldPaths, dict[str, Scene]]:
+    """The world's paths with an image root that also covers the manifest's derived images (the dirty world's),
+    and every known scene keyed relative to it: stage 0/1 and the oracle look scenes up by that key."""
+    roots = {world.image_root.resolve(): load_scenes(world)}
+    for lineage in (metadata.get("sources") or {}).values():
+        scenes_file, image_root = lineage.get("scenes"), lineage.get("image_root")
+        if scenes_file and image_root and Path(image_root).resolve() not in roots:
+            roots[Path(image_root).resolve()] = load_scenes(dataclasses.replace(world, scenes=Path(scenes_file)))
+    common = Path(os.path.commonpath([str(root) for root in roots]))
+    scenes = {
+        (root / key).relative_to(common).as_posix(): scene for root, table in roots.items() for key, scene in table.items()
+    }
+    view = WorldPaths(world.dir, world.train_json, world.eval_json, common, world.scenes, world.config_hash)
+    return view, scenes
+
+
 def _world_tokenizer(cfg: DataConfig, world: WorldPaths, train: list[Sample]) -> Path:
     if cfg.tokenizer.path:
         return Path(cfg.tokenizer.path).expanduser()
     folder = world.dir / f"tokenizer-v{cfg.tokenizer.vocab_size}"
     if not (folder / "tokenizer.json").is_file():
+        if not train:  # a manifest run: the world's tokenizer is trained on the clean world's text, as for source=world
+            train, _ = load_llava(world.train_json, world.image_root, source="world/train")
         log.info("training a %d-token BPE tokenizer on the world's text → %s", cfg.tokenizer.vocab_size, folder)
         train_tokenizer(_texts(train), folder, vocab_size=cfg.tokenizer.vocab_size)
     load_tokenizer(folder)  # fail here, with the folder named, rather than mid-training

@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_core.kernels import packed_attention
+from vlm_core.kernels import packed_attention, resolve_attn_impl, resolve_kernel_impls
+from vlm_core.kernels.rmsnorm import MAX_DIM as RMSNORM_MAX_DIM
+from vlm_core.kernels.rmsnorm import rmsnorm_triton
+from vlm_core.kernels.rope import MAX_HEAD_DIM as ROPE_MAX_HEAD_DIM
+from vlm_core.kernels.rope import rope_triton_
+from vlm_core.kernels.swiglu import swiglu_triton
 from vlm_core.model.config import ModelConfig
 from vlm_core.model.kv_cache import KVCache, decode_attention
 
@@ -16,12 +21,16 @@ from vlm_core.model.kv_cache import KVCache, decode_attention
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dim, computed in fp32 and returned in x's dtype."""
 
+    kernel_impl = "reference"  # "triton": the fused kernel (vlm_core/kernels/rmsnorm.py); set by Decoder.select_kernels
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_impl == "triton":
+            return rmsnorm_triton(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
@@ -77,7 +86,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention: Hq query heads share Hkv key/value heads; no biases."""
+    """Grouped-query self-attention: Hq query heads share Hkv key/value heads.
+
+    No biases by default; ``cfg.attention_qkv_bias`` (Qwen2) and ``cfg.attention_out_bias`` add them.
+    """
+
+    kernel_impl = "reference"  # RoPE: "triton" rotates q, k in place (kernels/rope.py); set by Decoder.select_kernels
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -85,11 +99,13 @@ class Attention(nn.Module):
         self.heads = cfg.heads
         self.kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
-        self.attn_impl = cfg.attn_impl
-        self.q_proj = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)  # residual output projection
+        self.attn_impl = cfg.attn_impl  # the Decoder replaces it by the impl resolved for its device
+        qkv_bias = cfg.attention_qkv_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        # residual output projection
+        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=cfg.attention_out_bias)
 
     def _qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -99,6 +115,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(N, self.heads, self.head_dim)  # [N, Hq, Dh]
         k = self.k_proj(x).view(N, self.kv_heads, self.head_dim)  # [N, Hkv, Dh]
         v = self.v_proj(x).view(N, self.kv_heads, self.head_dim)  # [N, Hkv, Dh]
+        if self.kernel_impl == "triton":  # rotates the projections' outputs in place (vlm_core/kernels/rope.py)
+            q, k = rope_triton_(q, k, cos, sin)
+            return q, k, v
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(
@@ -133,6 +152,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), hidden width cfg.mlp_hidden; no biases."""
 
+    kernel_impl = "reference"  # "triton": the fused gate (vlm_core/kernels/swiglu.py); set by Decoder.select_kernels
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
@@ -140,6 +161,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)  # residual output projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_impl == "triton":
+            return self.down_proj(swiglu_triton(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -175,8 +198,13 @@ class Decoder(nn.Module):
     """Token embedding, ``cfg.layers`` blocks, final RMSNorm, and the LM head.
 
     With ``cfg.tie_embeddings`` the LM head is the embedding matrix itself (``lm_head`` is None), so
-    the state dict holds the matrix once.
+    the state dict holds the matrix once. With ``cfg.image_attention == "causal"`` the image spans of a
+    packed batch are ignored and attention is causal within each segment.
     """
+
+    _kernel_device: Optional[torch.device] = None  # the device the fused kernels were resolved for
+    kernel_impls: dict[str, str] = dict.fromkeys(("rmsnorm", "swiglu", "rope", "projector", "linear_cross_entropy"),
+                                                 "reference")  # by op; replaced (never mutated) by select_kernels
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -187,6 +215,61 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, index) for index in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, vocab_size, bias=False)
+        self._attn_device: Optional[torch.device] = None  # the device the layers' attn_impl was resolved for
+
+    def select_attention(self, device: torch.device) -> str:
+        """Resolve ``cfg.attn_impl`` for ``device`` and hand it to every layer; once per device.
+
+        Called by ``forward``; call it early to see the choice (and any fallback warning) in the logs
+        before the first batch. Batches of a VLM carry bidirectional image spans and training needs
+        gradients, so causal-only impls and FlexAttention on the CPU fall back (see resolve_attn_impl);
+        with ``cfg.image_attention == "causal"`` the spans are ignored and causal-only impls can serve.
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and the "cuda:0" of tensors: one device
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._attn_device != device:
+            needs_bidir = self.cfg.image_attention == "bidirectional"
+            impl = resolve_attn_impl(self.cfg.attn_impl, device, needs_bidir=needs_bidir, needs_backward=True)
+            for block in self.layers:
+                block.attention.attn_impl = impl
+            self._attn_device = device
+        return self.layers[0].attention.attn_impl
+
+    def select_kernels(self, device: torch.device, op_problems: Optional[dict[str, str]] = None) -> dict[str, str]:
+        """Resolve ``cfg.kernel_impl`` for ``device`` into one impl per fused op and hand them to the layers.
+
+        Once per device, like ``select_attention`` (later calls return the cached choice). ``op_problems``
+        adds reasons an op of the enclosing model cannot be fused (the VLM passes its projector's); the
+        decoder adds its own shape limits. Each fallback is logged (vlm_core.kernels.fused).
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._kernel_device != device:
+            head = self.embed_tokens if self.lm_head is None else self.lm_head
+            problems = {
+                "rmsnorm": f"dim={self.cfg.dim} > {RMSNORM_MAX_DIM}" if self.cfg.dim > RMSNORM_MAX_DIM else "",
+                "rope": f"head_dim={self.cfg.head_dim} > {ROPE_MAX_HEAD_DIM}" if self.cfg.head_dim > ROPE_MAX_HEAD_DIM else "",
+                "linear_cross_entropy": "" if type(head) in (nn.Embedding, nn.Linear) else (
+                    f"the LM head is {type(head).__name__}, not a plain nn.Embedding/nn.Linear"),
+                **(op_problems or {}),
+            }  # fmt: skip
+            self.kernel_impls = resolve_kernel_impls(self.cfg.kernel_impl, device, problems)
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.kernel_impl = self.kernel_impls["rmsnorm"]
+                elif isinstance(module, Attention):
+                    module.kernel_impl = self.kernel_impls["rope"]
+                elif isinstance(module, SwiGLU):
+                    module.kernel_impl = self.kernel_impls["swiglu"]
+            self._kernel_device = device
+        return self.kernel_impls
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, D] (the embedding matrix when tied), as ``logits`` uses it."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
         self,
@@ -203,6 +286,10 @@ class Decoder(nn.Module):
         cu_seqlens, max_seqlen, bidir_group as in ``packed_attention``. With ``cache`` (built for
         these segments), every layer stores its post-RoPE keys and values.
         """
+        self.select_attention(embeds.device)
+        self.select_kernels(embeds.device)
+        if self.cfg.image_attention == "causal":
+            bidir_group = None  # LLaVA's mask: image tokens attend causally like text
         cos, sin = self.rotary(position_ids, max_seqlen)  # [total, Dh] each, shared by all layers
         x = embeds
         for block in self.layers:

@@ -7,6 +7,10 @@ import math
 import torch
 from torch import nn
 
+from vlm_core.kernels.fused_projector import (
+    fusable_projector_problem,
+    projector_scatter_triton,
+)
 from vlm_core.model.config import ModelConfig
 from vlm_core.model.decoder import Decoder, RMSNorm
 from vlm_core.model.kv_cache import KVCache
@@ -56,6 +60,8 @@ class VLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         nn.init.normal_(self.vision.position_embedding, mean=0.0, std=std)
+        if self.vision.class_embedding is not None:
+            nn.init.normal_(self.vision.class_embedding, mean=0.0, std=std)
         # GPT-2 (Radford et al. 2019, sec. 2.3): every block adds two branches (attention, MLP) to the
         # residual stream, so at init its variance grows with the 2 * layers branch outputs summed into
         # it. Drawing each branch's output projection with std / sqrt(2 * layers) keeps the stream's
@@ -91,6 +97,15 @@ class VLM(nn.Module):
             )
         if num_images == 0:
             return embeds
+        kernels = self.decoder.select_kernels(embeds.device, {"projector": fusable_projector_problem(self.projector)})
+        if kernels["projector"] == "triton":  # one fused op: projector GEMMs with the scatter in the store
+            features = self.vision(images)  # [N_img, P, D_v]
+            rows = is_image.nonzero().squeeze(1)  # [N_img * P], increasing: masked_scatter's order
+            projector = self.projector
+            return projector_scatter_triton(
+                embeds, features.reshape(expected, features.shape[-1]), rows,
+                projector.fc1.weight, projector.fc1.bias, projector.fc2.weight, projector.fc2.bias,
+            )  # fmt: skip
         image_tokens = self.encode_images(images).to(embeds.dtype)  # [N_img, P, D]
         image_tokens = image_tokens.reshape(expected, self.cfg.dim)  # [N_img * P, D]
         return embeds.masked_scatter(is_image[:, None], image_tokens)  # [total, D], filled in row order

@@ -10,6 +10,10 @@ Layout of a run's ``checkpoints/`` folder::
 A checkpoint is written into a hidden temporary folder and renamed into place, then ``latest.json`` is
 replaced; a run killed at any moment leaves either the old or the new checkpoint, never half of one.
 Loading executes no code: safetensors for tensors, JSON for the rest.
+
+Under tensor parallelism each TP rank writes its shard instead of ``model.safetensors`` (and of
+``optimizer.safetensors``), and loading merges the shards of any TP size back into the single-device
+layout (:mod:`vlm_core.parallel.checkpoint`); the caller passes a ``Sharding`` to say how its model is split.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+if TYPE_CHECKING:
+    from vlm_core.parallel.checkpoint import Sharding
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -67,12 +74,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     keep: int | None = None,
+    sharding: Sharding | None = None,
 ) -> Path:
     """Write checkpoint ``root/name`` atomically and point ``latest.json`` at it.
 
     ``keep`` deletes the oldest ``step-*`` checkpoints beyond that many (named checkpoints such as
-    ``tower`` or ``final`` are never deleted).
+    ``tower`` or ``final`` are never deleted). In a distributed job every rank calls it with its
+    ``sharding``: TP ranks write their shards, global rank 0 the rest (a whole model: all of it).
     """
+    if sharding is not None and sharding.env.distributed:
+        return _save_distributed(root, name, model, optimizer, state, keep, sharding)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
@@ -82,8 +93,17 @@ def save_checkpoint(
             tensors, meta = _flatten_optimizer(optimizer)
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             full_state["optimizer"] = meta
-        full_state["rng"] = _rng_state()
+        full_state.setdefault("rng", _rng_state())
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1, sort_keys=True), encoding="utf-8")
+        return _publish(tmp, root, name, keep)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish(tmp: Path, root: Path, name: str, keep: int | None) -> Path:
+    """fsync the files of ``tmp``, rename it to ``root/name``, point ``latest.json`` at it, prune old steps."""
+    try:
         for file in tmp.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -105,6 +125,46 @@ def save_checkpoint(
     return final
 
 
+def _save_distributed(
+    root: Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
+    keep: int | None, sharding: Sharding,
+) -> Path:
+    """Every rank calls this; a whole model is written by global rank 0, a sharded one by each TP rank."""
+    from vlm_core.parallel import checkpoint as shards
+    from vlm_core.parallel.collectives import broadcast_object, gather_objects
+
+    env = sharding.env
+    full_state = {**state, "rng_ranks": gather_objects(_rng_state(), env)}  # each rank's RNG, for an exact resume
+    final = root / name
+    if not sharding.sharded:
+        if env.is_main:
+            save_checkpoint(root, name, model, optimizer, full_state, keep)
+        env.barrier()
+        return final
+    tmp = None
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=f".{name}.")
+    tmp = Path(broadcast_object(tmp, env))
+    try:
+        tensors, meta = _flatten_optimizer(optimizer) if optimizer is not None else (None, None)
+        shards.write_shards(tmp, model, tensors, env)
+        env.barrier()
+        if env.is_main:
+            if meta is not None:
+                full_state["optimizer"] = meta
+            full_state["rng"] = full_state["rng_ranks"][0]
+            full_state["tensor_parallel"] = shards.tensor_parallel_state(sharding, optimizer, model)
+            (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1, sort_keys=True), encoding="utf-8")
+            _publish(tmp, root, name, keep)
+    except BaseException:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    env.barrier()
+    return final
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The checkpoint ``latest.json`` points at, or None if the folder holds none."""
     pointer = root / LATEST_FILE
@@ -118,12 +178,21 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, restore_rng: bool = True) -> Checkpoint:
-    """Load weights into ``model`` (strictly: every key must match) and restore the RNG state."""
+    """Load weights into ``model`` (strictly: every key must match) and restore the RNG state.
+
+    ``model`` is single-device; a checkpoint written under tensor parallelism is merged first.
+    """
+    from vlm_core.parallel.checkpoint import is_sharded, read_model_tensors
+
     path = Path(path)
-    for file in (MODEL_FILE, STATE_FILE):
+    sharded = is_sharded(path)
+    for file in (STATE_FILE,) if sharded else (MODEL_FILE, STATE_FILE):
         if not (path / file).is_file():
             raise CheckpointError(f"checkpoint {path} has no {file}; is it a checkpoint folder?")
-    missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
+    if sharded:
+        missing, unexpected = model.load_state_dict(read_model_tensors(path), strict=False)
+    else:
+        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path / MODEL_FILE} does not fit the model: missing keys {sorted(missing)[:8]}, "
@@ -131,17 +200,42 @@ def load_checkpoint(path: Path, model: nn.Module, restore_rng: bool = True) -> C
         )
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     if restore_rng and "rng" in state:
-        _restore_rng(state["rng"])
+        _restore_rng(_own_rng(state))
     return Checkpoint(path=path, state=state)
 
 
-def load_optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Restore the optimizer of the stage the checkpoint was taken in (moments from safetensors)."""
+def _own_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's saved RNG state when the checkpoint has one per rank for a world of this size, else rank 0's."""
+    import torch.distributed as dist
+
+    ranks = state.get("rng_ranks")
+    if ranks and dist.is_initialized() and dist.get_world_size() == len(ranks):
+        return ranks[dist.get_rank()]
+    return state["rng"]
+
+
+def load_optimizer_state(
+    path: Path, optimizer: torch.optim.Optimizer, model: nn.Module | None = None, sharding: Sharding | None = None,
+) -> None:
+    """Restore the optimizer of the stage the checkpoint was taken in (moments from safetensors).
+
+    Tensor-parallel shards (in the checkpoint, or in ``optimizer`` as ``sharding`` says) are merged and
+    re-cut for this rank; ``model`` names the optimizer's parameters for that.
+    """
+    from vlm_core.parallel import checkpoint as shards
+
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    if "optimizer" not in state or not (path / OPTIMIZER_FILE).is_file():
+    sharded = shards.is_sharded(path)
+    if "optimizer" not in state or not (sharded or (path / OPTIMIZER_FILE).is_file()):
         raise CheckpointError(f"checkpoint {path} holds no optimizer state to resume from")
-    tensors = load_file(str(path / OPTIMIZER_FILE))
+    if sharded or (sharding is not None and sharding.sharded):
+        if model is None or sharding is None:
+            raise CheckpointError(f"checkpoint {path} is tensor-parallel: pass the model and its sharding to reshard it")
+        full = shards.read_optimizer_tensors(path, state)
+        tensors = shards.shard_optimizer_tensors(full, optimizer, model, sharding)
+    else:
+        tensors = load_file(str(path / OPTIMIZER_FILE))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +29,15 @@ from vlm_core.data.image import ImageProcessor
 from vlm_core.data.prepare import PreparedData, prepare_data
 from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
 from vlm_core.eval.evaluate import answer_questions, evaluate, render_table
+from vlm_core.eval.formats import run_benchmark
+from vlm_core.hf.load import hf_job_config, import_model
 from vlm_core.model.vlm import VLM, count_parameters
+from vlm_core.parallel.checkpoint import Sharding
+from vlm_core.parallel.collectives import broadcast_module, broadcast_object
+from vlm_core.parallel.env import ParallelEnv, init_parallel, shutdown_parallel
+from vlm_core.parallel.plan import gather_model_state, parallelize
+from vlm_core.parallel.preemption import PreemptionGuard
+from vlm_core.parallel.seed import seed_ranks
 from vlm_core.train.align_words import (
     cell_word_loss,
     summarize_cell_words,
@@ -119,41 +130,78 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
     raise CheckpointError(f"train.resume={resume}: {path} is neither a checkpoint folder nor a run directory with checkpoints/")
 
 
+def requeued_checkpoint(run_dir: Path) -> Path | None:
+    """In a Slurm job that was requeued (preempted or timed out), the newest checkpoint of its own run dir."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    return latest_checkpoint(run_dir / "checkpoints")
+
+
 def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
-    """Run every enabled stage, then the held-out evaluation; return the report (None without eval data)."""
-    started = time.perf_counter()
-    run_dir = Path(cfg.run_dir or "outputs/run").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Run every enabled stage, then the held-out evaluation; return the report (None without eval data).
+
+    Launched by torchrun or as a multi-task Slurm job, every process runs this; see :mod:`vlm_core.parallel`.
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
+    env = init_parallel(cfg.parallel, resolve_device(cfg.train.device))  # a world of one joins no process group
+    scratch = None
+    try:
+        if not env.is_main:  # a rank's own files (quarantine list, tokenizer copy) go to a scratch folder
+            scratch = Path(tempfile.mkdtemp(prefix=f"vlm-rank{env.rank}-"))
+        return _run_job(cfg, env, show_progress and env.is_main, scratch)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        shutdown_parallel(env)
 
-    data = prepare_data(cfg.data, run_dir, show_progress=show_progress)
+
+def _run_job(cfg: JobConfig, env: ParallelEnv, show_progress: bool, scratch: Path | None) -> EvalReport | None:
+    started = time.perf_counter()
+    # Every rank uses rank 0's run dir: processes started by torchrun resolve Hydra's ${now:...} on their own.
+    run_dir = Path(broadcast_object(str(Path(cfg.run_dir or "outputs/run").resolve()), env))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = env.device
+    seed_ranks(cfg.train.seed, env)  # torch's global RNG gets train.seed on every rank (the model's init)
+    if cfg.model.hf is not None:  # model=hf: architecture, weights and tokenizer from local Hugging Face folders
+        cfg = hf_job_config(cfg)
+
+    if not env.is_main:
+        env.barrier()  # rank 0 builds (or finds) the cached world and tokenizer first; the others then read them
+    data = prepare_data(
+        cfg.data, run_dir if scratch is None else scratch, show_progress=show_progress, mixture=cfg.mixture
+    )
+    if env.is_main:
+        env.barrier()
     tokenizer = load_tokenizer(data.tokenizer_dir)
     encoder = ChatEncoder(tokenizer, cfg.model.vision.num_patches)
-    processor = ImageProcessor(cfg.model.vision.image_size)
+    processor = ImageProcessor(cfg.model.vision.image_size, cfg.model.vision.image_mean, cfg.model.vision.image_std)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    model = VLM(cfg.model, vocab_size=len(tokenizer), image_token_id=image_token_id).to(device)
+    model = (import_model(cfg.model, tokenizer) if cfg.model.hf is not None
+             else VLM(cfg.model, vocab_size=len(tokenizer), image_token_id=image_token_id)).to(device)
     log.info("model %s: %s parameters", cfg.model.name, {k: f"{v:,}" for k, v in count_parameters(model).items()})
     log.info("device %s, %s matmuls (train.precision=%s)", device,
              "bf16" if use_bf16(cfg.train.precision, device) else "fp32", cfg.train.precision)
-    atomic_write_text(run_dir / "tokenizer_path.txt", str(data.tokenizer_dir) + "\n")
+    model.decoder.select_attention(device)  # logs the attention impl (and any fallback) before training
+    if env.is_main:
+        atomic_write_text(run_dir / "tokenizer_path.txt", str(data.tokenizer_dir) + "\n")
 
     job = JobState()
-    resume_path = find_resume_checkpoint(cfg.train.resume, run_dir)
+    resume_path = find_resume_checkpoint(cfg.train.resume, run_dir) or requeued_checkpoint(run_dir)
     if resume_path is not None:
         job.resumed_from = load_checkpoint(resume_path, model)
         state = job.resumed_from.state
         job.completed = list(state.get("completed_stages", []))
         log.info("resuming from %s (stage %s, step %s)", resume_path, state.get("stage"), state.get("step"))
-    logger = MetricsLogger(run_dir, resume_step=job.resumed_from.state["step"] if job.resumed_from else None)
+    resume_step = job.resumed_from.state["step"] if job.resumed_from else None
+    logger = MetricsLogger(run_dir, resume_step=resume_step) if env.is_main else _SilentLogger()
 
     def checkpoint_state() -> dict[str, Any]:
         return {
             "completed_stages": list(job.completed),
             "model_config": asdict(cfg.model),
             "tokenizer_dir": str(data.tokenizer_dir),
+            "parallel": {"tensor_parallel": env.tp_size, "data_parallel": env.dp_size},
         }
 
     context = LoopContext(
@@ -161,12 +209,17 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
         log_every=cfg.train.log_every,
         ckpt_every=cfg.train.ckpt_every, keep_checkpoints=cfg.train.keep_checkpoints,
         checkpoint_state=checkpoint_state, show_progress=show_progress,
+        sharding=Sharding(env), preemption=PreemptionGuard.install(env),
     )
     offsets = _stage_offsets(cfg)
     try:
         cells = _CellData(cfg, data, processor, device, show_progress)
+        # Stages 0 and 1 (tower, projector alignment) run on the whole model, the same on every rank.
         _run_tower(cfg, model, data, cells, job, context, offsets["tower"], device)
-        sampler = _sample_logger(model, data.eval, encoder, processor, logger, cfg.eval.max_new_tokens)
+        # TensorBoard sample answers decode on rank 0 with the single-device model (not a TP shard of it).
+        sampler = None
+        if env.is_main:
+            sampler = _sample_logger(model, data.eval, encoder, processor, logger, cfg.eval.max_new_tokens)
         context.on_sample, context.sample_every = sampler, cfg.train.sample_every
         align = cfg.train.align
         spec = StageSpec("align", align.steps, offsets["align"], align.lr, align.warmup_steps, 1.0, cfg.train.grad_clip)
@@ -181,13 +234,37 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
         train = cfg.train
         spec = StageSpec("instruct", train.max_steps, offsets["instruct"], train.lr, train.warmup_steps,
                          train.min_lr_ratio, train.grad_clip)
+        single_device_model = model
+        if env.distributed:  # stage 2 runs tensor x data parallel
+            broadcast_module(model, env)  # rank 0's weights are the reference for every replica and shard
+            layout = parallelize(model, env)  # TP > 1: megatron-core's layers, cut from those weights
+            context.sharding = Sharding(env, layout if env.tensor_parallel else None, vocab_size=model.vocab_size)
+            context.parallel = env
+            if env.tensor_parallel:
+                context.on_sample = None  # answers need the whole model; the sample logger runs after training
         _run_lm_stage(spec, train.trainable, train.batch_size, data.train, cfg, model, encoder, processor, job, context,
                       device, curriculum_steps=round(train.curriculum_fraction * train.max_steps))
+        if env.tensor_parallel:  # rank 0 evaluates the merged single-device model
+            state = gather_model_state(model, context.sharding.layout, env)
+            if env.is_main:
+                single_device_model = VLM(cfg.model, vocab_size=model.vocab_size, image_token_id=model.image_token_id)
+                single_device_model.load_state_dict(state)
+                single_device_model.to(device)
+                if sampler is not None:
+                    sampler = _sample_logger(single_device_model, data.eval, encoder, processor, logger,
+                                             cfg.eval.max_new_tokens)
         if sampler is not None:
             sampler(offsets["instruct"] + train.max_steps)
         report = None
-        if cfg.eval.enabled and data.eval:
-            report = evaluate(model, data.eval, encoder, processor, data.scorer, data.chance, cfg.eval, show_progress)
+        if env.is_main and cfg.eval.enabled and cfg.eval.format != "world":  # a benchmark (vlm_core.eval.formats)
+            result = run_benchmark(single_device_model, encoder, processor, cfg.eval, show_progress)
+            atomic_write_text(run_dir / f"eval_{cfg.eval.format}.json", json.dumps(result.metrics, indent=1))
+            report = result.report
+        elif env.is_main and cfg.eval.enabled and data.eval:
+            report = evaluate(single_device_model, data.eval, encoder, processor, data.scorer, data.chance, cfg.eval,
+                              show_progress)
+        env.barrier()  # the other ranks wait for rank 0's evaluation
+        if report is not None:
             atomic_write_text(run_dir / "eval.json", json.dumps(report.to_json(), indent=1))
             atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in report.predictions))
             logger.log_scalars(offsets["end"], "eval", {**report.skills, "overall": report.overall})
@@ -196,6 +273,20 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> EvalReport | None:
         return report
     finally:
         logger.close()
+        if context.preemption is not None:
+            context.preemption.uninstall()
+
+
+class _SilentLogger:
+    """The metrics logger of ranks other than 0: rank 0 writes metrics.jsonl and TensorBoard."""
+
+    def log(self, step: int, stage: str, metrics: dict[str, float]) -> None: ...
+
+    def log_scalars(self, step: int, prefix: str, values: dict[str, float]) -> None: ...
+
+    def log_samples(self, step: int, images: Any, texts: list[str]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _stage_offsets(cfg: JobConfig) -> dict[str, int]:
@@ -260,12 +351,12 @@ def _run_tower(
             info.update(tower_accuracy(pretrainer, cells.source("eval", stage.batch_size, "tower")))
             context.logger.log_scalars(offset + stage.steps, "tower", info)
         log.info("stage 0: tower per-patch accuracy %s", {k: round(v, 3) for k, v in info.items() if "acc" in k})
-        if stage.cache:
+        if stage.cache and context.sharding.env.is_main:
             save_cached_tower(folder, model.vision, info)
     job.completed.append("tower")
     state = {"stage": "tower", "stage_step": stage.steps, "step": offset + stage.steps, "data": {}}
     state.update(context.checkpoint_state())
-    save_checkpoint(context.run_dir / "checkpoints", "tower", model, None, state)
+    save_checkpoint(context.run_dir / "checkpoints", "tower", model, None, state, sharding=context.sharding)
 
 
 def _run_lm_stage(
@@ -278,9 +369,11 @@ def _run_lm_stage(
     if not samples:
         raise ValueError(f"stage {spec.name} has no training samples (check train.align.skills and data.world.skills)")
     dataset = SFTDataset(samples, encoder, processor, cache_images=cfg.data.image_cache)
+    env = context.parallel  # set for the stage that runs data parallel: each DP rank packs its share
     source = PackedSteps(
         dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, _stage_seed(cfg, spec.name), device,
         curriculum_steps=curriculum_steps, curriculum_start=cfg.train.curriculum_start,
+        data_parallel=(env.dp_rank, env.dp_size) if env is not None else (0, 1),
     )
     loss_fn = functools.partial(lm_loss, per_sample=cfg.train.loss_per_sample)
     _run_on_model(spec, trainable, source, loss_fn, summarize_lm, cfg, model, job, context)
@@ -295,7 +388,7 @@ def _run_on_model(
     start = 0
     resume = job.resume_point(spec.name)
     if resume is not None:
-        load_optimizer_state(resume.path, optimizer)
+        load_optimizer_state(resume.path, optimizer, model, context.sharding)
         source.load_state_dict(resume.state["data"])
         start = resume.state["stage_step"]
     if start < spec.steps:

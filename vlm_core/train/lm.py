@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlm_core.data.curriculum import CurriculumStream, sample_difficulty
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.packing import PackedLoader, SampleStream
+from vlm_core.kernels.linear_cross_entropy import linear_cross_entropy_triton
+from vlm_core.parallel.data import DataParallelStream
+from vlm_core.parallel.loss import token_cross_entropy
 from vlm_core.train.loop import StepOutput
 from vlm_core.types import IGNORE_INDEX, PackedBatch
 
@@ -20,12 +22,14 @@ class PackedSteps:
 
     With ``curriculum_steps`` > 0 the first steps draw only from samples whose ``meta.n_objects`` is under
     a rising cap (:class:`CurriculumStream`); afterwards, and without a curriculum, every epoch is a
-    fresh permutation of the dataset.
+    fresh permutation of the dataset. ``data_parallel=(rank, size)`` keeps this data-parallel rank's share
+    of every micro-batch (the ranks' shares together are the single-process batch).
     """
 
     def __init__(
         self, dataset: SFTDataset, batch_size: int, grad_accum: int, row_len: int, seed: int,
         device: torch.device, curriculum_steps: int = 0, curriculum_start: int = 1,
+        data_parallel: tuple[int, int] = (0, 1),
     ) -> None:
         self.grad_accum = grad_accum
         self.device = device
@@ -35,6 +39,8 @@ class PackedSteps:
             stream = CurriculumStream(difficulty, micro_batch, seed, curriculum_start, curriculum_steps * grad_accum)
         else:
             stream = SampleStream(len(dataset), micro_batch, seed)
+        if data_parallel[1] > 1:
+            stream = DataParallelStream(stream, *data_parallel)
         self.loader = PackedLoader(dataset, stream, row_len)
         self._iter = iter(self.loader)
 
@@ -59,12 +65,15 @@ def lm_loss(model: nn.Module, batch: PackedBatch, per_sample: bool = False) -> S
     carry half of the gradient; by samples each skill carries its share of the data.
 
     Only the rows that carry a label go through the LM head: on the world's data that is ~15% of the
-    packed tokens, and the [total, V] logits of the rest would be computed only to be ignored.
+    packed tokens, and the [total, V] logits of the rest would be computed only to be ignored. With the
+    fused kernels (``model.kernel_impl``) not even those logits exist at once (see ``_fused_lm_loss``).
     """
     hidden = model.hidden_states(batch)  # [total, D]
     supervised = batch.labels != IGNORE_INDEX  # [total]
-    logits = model.decoder.logits(hidden[supervised])  # [n_labels, V]
-    token_loss = F.cross_entropy(logits.float(), batch.labels[supervised], reduction="none")  # [n_labels]
+    if getattr(model.decoder, "kernel_impls", {}).get("linear_cross_entropy") == "triton":
+        return _fused_lm_loss(model, batch, hidden, supervised, per_sample)
+    # [n_labels]; under tensor parallelism from this rank's vocabulary slice of the logits (never gathered)
+    token_loss = token_cross_entropy(model.decoder, hidden[supervised], batch.labels[supervised])
     stats = {"tokens": batch.num_real_tokens, "slots": batch.total, "samples": batch.num_samples}
     if not per_sample:
         return StepOutput(token_loss.sum(), int(supervised.sum()), stats)
@@ -73,6 +82,28 @@ def lm_loss(model: nn.Module, batch: PackedBatch, per_sample: bool = False) -> S
     owner = segment[supervised]  # [n_labels]: the segment (sample) of each supervised token
     per_segment = torch.bincount(owner, minlength=len(seqlens)).to(token_loss.dtype)  # [n_segments]
     loss_sum = (token_loss / per_segment[owner]).sum()
+    return StepOutput(loss_sum, int((per_segment > 0).sum()), stats)
+
+
+def _fused_lm_loss(
+    model: nn.Module, batch: PackedBatch, hidden: torch.Tensor, supervised: torch.Tensor, per_sample: bool
+) -> StepOutput:
+    """lm_loss with the LM head and cross-entropy fused and chunked (vlm_core/kernels/linear_cross_entropy.py).
+
+    Used when the model resolved ``model.kernel_impl`` to triton for this op (``Decoder.select_kernels``,
+    which falls back, logged, for a head that is not a plain single-device layer): not even the
+    [n_labels, V] logits exist at once, and the gradients are computed in the forward's pass.
+    """
+    stats = {"tokens": batch.num_real_tokens, "slots": batch.total, "samples": batch.num_samples}
+    head_weight, labels = model.decoder.head_weight, batch.labels[supervised]
+    if not per_sample:
+        return StepOutput(linear_cross_entropy_triton(hidden[supervised], head_weight, labels), int(supervised.sum()), stats)
+    seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # [n_segments]
+    segment = torch.repeat_interleave(torch.arange(len(seqlens), device=seqlens.device), seqlens)  # [total]
+    owner = segment[supervised]  # [n_labels]
+    per_segment = torch.bincount(owner, minlength=len(seqlens)).to(torch.float32)  # [n_segments]
+    token_weight = per_segment[owner].reciprocal()  # [n_labels]: each sample weighs 1 in total
+    loss_sum = linear_cross_entropy_triton(hidden[supervised], head_weight, labels, token_weight)
     return StepOutput(loss_sum, int((per_segment > 0).sum()), stats)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +22,11 @@ from tqdm.auto import tqdm
 from vlm_core.train.checkpoint import save_checkpoint
 from vlm_core.train.metrics import MetricsLogger
 from vlm_core.train.optim import lr_at, set_lr
+
+if TYPE_CHECKING:
+    from vlm_core.parallel.checkpoint import Sharding
+    from vlm_core.parallel.env import ParallelEnv
+    from vlm_core.parallel.preemption import PreemptionGuard
 
 
 class BatchSource(Protocol):
@@ -79,6 +85,11 @@ class LoopContext:
     sample_every: int = 0
     on_sample: Callable[[int], None] | None = None
     show_progress: bool = True
+    # A stage whose batches are split over data-parallel ranks (and whose model may be tensor-parallel) sets
+    # ``parallel``: gradients and counters are summed over the DP ranks, the grad norm taken over the TP ranks.
+    parallel: ParallelEnv | None = None
+    sharding: Sharding | None = None  # how checkpoints are written in a distributed job (every rank saves)
+    preemption: PreemptionGuard | None = None  # a Slurm job's: checkpoint and requeue at a step boundary
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -113,6 +124,12 @@ def run_stage(
 ) -> dict[str, float]:
     """Run optimizer steps ``start_step + 1 .. spec.steps`` of a stage; return the last logged metrics."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    env = context.parallel
+    data_parallel = env is not None and env.dp_size > 1
+    if data_parallel:
+        from vlm_core.parallel.ddp import DataParallelStep
+
+        step_fn = DataParallelStep(model, loss_fn, env)
     last: dict[str, float] = {}
     window: dict[str, float] = {}
     window_start = time.perf_counter()
@@ -121,27 +138,43 @@ def run_stage(
         dynamic_ncols=True, leave=True,
     )
     model.train()
+    if context.preemption is not None:
+        context.preemption.in_loop = True
     for stage_step in range(start_step + 1, spec.steps + 1):
         lr = lr_at(stage_step - 1, spec.lr, spec.warmup_steps, spec.steps, spec.min_lr_ratio)
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         total_units = 0
         stats: dict[str, float] = {"loss_sum": 0.0}
-        for micro in source.next_step():
+        micros = source.next_step()
+        for index, micro in enumerate(micros):
             with autocast(context.device, context.bf16):
-                out = loss_fn(model, micro)
+                if data_parallel:  # the last micro-batch's backward sums the gradients over the DP ranks
+                    out = step_fn(micro, sync=index == len(micros) - 1)
+                else:
+                    out = loss_fn(model, micro)
             out.loss_sum.backward()
             total_units += out.units
             stats["loss_sum"] += float(out.loss_sum.detach())
             for key, value in out.stats.items():
                 stats[key] = stats.get(key, 0.0) + float(value)
+        if data_parallel:  # the step's loss, units and counters over the union batch of the DP ranks
+            from vlm_core.parallel.collectives import all_reduce_sums
+
+            stats = all_reduce_sums({**stats, "units": total_units}, env, env.dp_group())
+            total_units = round(stats.pop("units"))
         if total_units == 0:
             raise RuntimeError(f"stage {spec.name} step {stage_step}: the batch has no supervised tokens")
         for param in params:  # loss_sum / total_units, applied once to the accumulated gradient
             if param.grad is not None:
                 param.grad.div_(total_units)
         max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+        if env is not None:
+            from vlm_core.parallel.grad_norm import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(params, max_norm, env)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
         optimizer.step()
 
         stats["units"] = total_units
@@ -166,12 +199,19 @@ def run_stage(
             window, window_start = {}, time.perf_counter()
         if context.on_sample is not None and context.sample_every and stage_step % context.sample_every == 0:
             context.on_sample(step)
-        if context.ckpt_every and (stage_step % context.ckpt_every == 0 or stage_step == spec.steps):
+        saved = bool(context.ckpt_every) and (stage_step % context.ckpt_every == 0 or stage_step == spec.steps)
+        stop = context.preemption is not None and context.preemption.requested()
+        if saved or (stop and context.ckpt_every):
             state = {"stage": spec.name, "stage_step": stage_step, "step": step, "data": source.state_dict()}
             state.update(context.checkpoint_state())
             save_checkpoint(
                 context.run_dir / "checkpoints", f"step-{step:06d}", model, optimizer, state,
-                keep=context.keep_checkpoints,
+                keep=context.keep_checkpoints, sharding=context.sharding,
             )
+        if stop:
+            progress.close()
+            context.preemption.stop(step)
     progress.close()
+    if context.preemption is not None:
+        context.preemption.in_loop = False
     return last
