@@ -8,6 +8,7 @@ SKILLS: tuple[str, ...] = ("caption", "color", "shape", "count", "spatial", "ocr
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan", "pink")
 SIZES: tuple[str, ...] = ("small", "large")
+IMAGE_POSITIONS: tuple[str, ...] = ("first", "last")  # where <image> goes in the first human turn
 # Three-letter words: at 64 px a 3x3 grid cell is ~21 px wide, which fits three glyphs of a ~9 px font.
 WORDS: tuple[str, ...] = (
     "CAT", "DOG", "SUN", "BOX", "CUP", "HAT", "KEY", "MAP", "PEN", "BUS",
@@ -51,17 +52,17 @@ class WorldConfig:
     eval_seed: int = 1_000_003  # held-out split seed; must differ from ``seed``
 
     def __post_init__(self) -> None:
-        if self.image_position not in ("first", "last"):
-            raise ValueError(f"data.world.image_position={self.image_position!r}; expected 'first' or 'last'")
-        self.train_counts = {str(k): int(v) for k, v in dict(self.train_counts).items()}
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"data.world.image_position={self.image_position!r}; expected one of {list(IMAGE_POSITIONS)}")
         unknown = sorted(set(self.skills) - set(SKILLS))
-        if not unknown and set(self.train_counts) - set(SKILLS):
-            unknown = sorted(set(self.train_counts) - set(SKILLS))
-            raise ValueError(f"data.world.train_counts: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
-        if any(int(n) < 0 for n in self.train_counts.values()):
-            raise ValueError(f"data.world.train_counts={dict(self.train_counts)}: counts must be >= 0")
         if unknown:
             raise ValueError(f"data.world.skills: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
+        self.train_counts = {str(k): int(v) for k, v in dict(self.train_counts).items()}  # Hydra hands a DictConfig
+        unknown = sorted(set(self.train_counts) - set(SKILLS))
+        if unknown:
+            raise ValueError(f"data.world.train_counts: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
+        if any(n < 0 for n in self.train_counts.values()):
+            raise ValueError(f"data.world.train_counts={self.train_counts}: counts must be >= 0")
         if not self.skills:
             raise ValueError("data.world.skills is empty; name at least one of " + ", ".join(SKILLS))
         for name in ("shapes", "colors", "sizes", "words"):

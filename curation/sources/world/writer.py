@@ -29,7 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from curation.sources.world.config import WorldConfig
+from curation.sources.world.config import IMAGE_POSITIONS, WorldConfig
 from curation.sources.world.generator import WorldGenerator, WorldRecord
 from curation.sources.world.render import render_scene
 from curation.sources.world.scene import Scene
@@ -87,8 +87,8 @@ def to_llava(record: WorldRecord, image_rel_path: str, image_position: str = "fi
     LLaVA-1.5's instruction data has both orders. ``WorldConfig.image_position`` records what each
     order measured.
     """
-    if image_position not in ("first", "last"):
-        raise ValueError(f"image_position={image_position!r}; expected 'first' or 'last'")
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position={image_position!r}; expected one of {list(IMAGE_POSITIONS)}")
     conversations = []
     for turn, question in enumerate(record.questions):
         text = question.text
