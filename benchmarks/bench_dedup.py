@@ -45,10 +45,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from curation.config import SemanticConfig
 from curation.embed import l2_normalize
 from curation.stages.semantic import (
-    cluster_neighbours,
+    clustered_pairs,
     default_clusters,
     semantic_dedup,
-    spherical_kmeans,
     use_gpu,
 )
 
@@ -87,18 +86,11 @@ def brute_force_pairs(x: np.ndarray, threshold: float, block: int = 4096) -> set
     return pairs
 
 
-def clustered_pairs(x: np.ndarray, cfg: SemanticConfig, threshold: float, gpu: bool) -> set[tuple[int, int]]:
-    """The pairs the SemDeDup search sees (as semantic_dedup searches): within each cluster, above ``threshold``."""
-    k = cfg.clusters or default_clusters(len(x))
-    _, nearest, similarity = spherical_kmeans(x, k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, gpu, nearest=2)
-    guests = similarity[:, 1] >= similarity[:, 0] - cfg.boundary_margin
-    pairs = set()
-    for cluster in range(k):
-        members = np.flatnonzero((nearest[:, 0] == cluster) | (guests & (nearest[:, 1] == cluster)))
-        if members.size > 1:
-            found = cluster_neighbours(x, members, threshold, gpu)
-            pairs.update(zip(found.earlier.tolist(), found.later.tolist()))
-    return pairs
+def search_pairs(x: np.ndarray, cfg: SemanticConfig, threshold: float, gpu: bool) -> set[tuple[int, int]]:
+    """The (earlier, later) pairs above ``threshold`` that semantic_dedup's clustered search finds."""
+    k = min(cfg.clusters or default_clusters(len(x)), len(x))
+    found, _, _ = clustered_pairs(x, k, cfg, threshold, gpu)
+    return set(zip(found.earlier.tolist(), found.later.tolist()))
 
 
 def versions() -> str:
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     recall = {}
     for eps in args.epsilons:
         exact = brute_force_pairs(subset, 1.0 - eps)
-        found = clustered_pairs(subset, cfg, 1.0 - eps, gpu)
+        found = search_pairs(subset, cfg, 1.0 - eps, gpu)
         recall[eps] = (len(exact & found) / len(exact) if exact else 1.0, len(exact), len(found & exact))
 
     figures = {"n": args.n, "dim": args.dim, "clusters": k, "setup_s": setup_s, "dedup_s": dedup_s,
@@ -184,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines += [
         "", "| n | dim | k | dedup end to end (s) | items/s | GFLOP/s (formula in the script) | removed per epsilon |",
         "|---:|---:|---:|---:|---:|---:|---|",
-        f"| {args.n:,} | {args.dim} | {k} | {dedup_s:.1f} | {args.n / dedup_s:,.0f} | {figures['gflops']:.1f} | "
-        f"{figures['removed']} |", "",
+        (f"| {args.n:,} | {args.dim} | {k} | {dedup_s:.1f} | {args.n / dedup_s:,.0f} | {figures['gflops']:.1f} | "
+        f"{figures['removed']} |"), "",
         f"Setup (generating the embeddings, not timed above): {setup_s:.1f} s.", "",
         f"Recall of the duplicate pairs exact brute force finds, on the first {args.recall_n:,} vectors:", "",
         "| epsilon | pairs (brute force) | found by the clustered search | recall |", "|---:|---:|---:|---:|",

@@ -97,9 +97,10 @@ def color_phash(image: Image.Image) -> tuple[int, int, int]:
     return tuple(int(str(imagehash.phash(channel)), 16) for channel in image.split())  # type: ignore[return-value]
 
 
-def image_facts(data: bytes, max_pixels: int) -> ImageFacts:
+def image_facts(data: bytes, max_pixels: int, content_sha: str | None = None) -> ImageFacts:
     """Decode ``data`` (the bytes of one image file) and measure it; raises ``DataError`` with the reason.
 
+    ``content_sha`` is the sha256 of ``data`` when the caller has it already (computed here otherwise).
     Order of checks: empty file; header size against ``max_pixels`` (no decoding yet); a full decode,
     which catches truncated and corrupt files that PIL's ``verify`` lets through.
     """
@@ -136,7 +137,7 @@ def image_facts(data: bytes, max_pixels: int) -> ImageFacts:
         width=width,
         height=height,
         pixel_sha=digest.hexdigest(),
-        content_sha=hashlib.sha256(data).hexdigest(),
+        content_sha=content_sha or hashlib.sha256(data).hexdigest(),
         phash=color_phash(rgb),
         mean=float(pixels.mean()),
         std=float(np.sqrt(pixels.reshape(-1, 3).astype(np.float64).var(axis=0).mean())),
@@ -166,7 +167,7 @@ class ImageInspector:
         key = hashlib.sha256(data).hexdigest()
         facts = self.cache.get(key)
         if facts is None:
-            facts = image_facts(data, self.max_pixels)
+            facts = image_facts(data, self.max_pixels, content_sha=key)
             self.new[key] = facts
             self.cache[key] = facts
         elif facts.width * facts.height > self.max_pixels:

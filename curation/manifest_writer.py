@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from curation.config import CurateConfig
 from curation.stages.mixture import approximate_tokens
-from vlm_core.data.manifest import METADATA_KEY
+from vlm_core.data.manifest import COLUMNS, METADATA_KEY
 
 if TYPE_CHECKING:
     from curation.pipeline import CurationResult
@@ -38,8 +38,7 @@ def write_manifest(result: CurationResult, cfg: CurateConfig, path: Path) -> Pat
     similarity = _column(result, "semantic", "max_similarity")
     alignment = _column(result, "quality", "alignment_z")
     keep_probability = _column(result, "balance", "keep_probability")
-    rows = {name: [] for name in ("uid", "id", "source", "images", "conversations", "skill", "meta", "weight",
-                                  "cluster", "alignment_z", "keep_probability", "decisions", "tokens", "config_hash")}
+    rows: dict[str, list] = {name: [] for name in COLUMNS}
     for index, weight in zip(result.kept.tolist(), result.weights.tolist()):
         item = result.items[index]
         sample = item.sample

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 from curation.config import CurateConfig
 from curation.embed import Embedder, joint
 from curation.ingest import IngestedSource, ingest
-from curation.records import Item, StageResult, skipped
+from curation.records import THUMB, Item, StageResult, skipped
 from curation.stages.balance import balance, concept_tags
 from curation.stages.exact import exact_dedup, text_hash
 from curation.stages.mixture import approximate_tokens, mixture_weights
@@ -173,9 +172,9 @@ def run_curation(cfg: CurateConfig) -> CurationResult:
     def near(rows: np.ndarray) -> StageResult:
         has_image = np.array([bool(items[i].images) for i in rows], dtype=bool)
         phashes = np.array([items[i].images[0].phash if items[i].images else (0, 0, 0) for i in rows], dtype=np.uint64)
-        blank = np.zeros((16, 16, 3), dtype=np.uint8)
+        blank = np.zeros((THUMB, THUMB, 3), dtype=np.uint8)
         thumbs = np.stack([items[i].images[0].thumb if items[i].images else blank for i in rows]) if len(rows) else \
-            np.zeros((0, 16, 16, 3), dtype=np.uint8)
+            np.zeros((0, THUMB, THUMB, 3), dtype=np.uint8)
         signatures = minhashes([texts[i] for i in rows], cfg.near, show)
         return near_dedup(phashes, thumbs, has_image, signatures, [uids[i] for i in rows], cfg.near, show)
 
@@ -259,11 +258,11 @@ def run_curation(cfg: CurateConfig) -> CurationResult:
         result.embeddings = {"image": embed_ids[0], "text": embed_ids[1]}
     check_accounting(result)
     from curation.manifest_writer import write_manifest
-    from curation.report import build_report, write_report
+    from curation.report import atomic_text, build_report, write_report
 
     write_manifest(result, cfg, output / "manifest.parquet")
     write_quarantine(result.quarantined, output / "quarantine.jsonl")
-    _write_removed(result, output / "removed.jsonl")
+    atomic_text(output / "removed.jsonl", _removed_lines(result))
     result.report = build_report(result, cfg)
     write_report(result, cfg, output)
     return result
@@ -295,19 +294,12 @@ def check_accounting(result: CurationResult) -> dict[str, int]:
     return totals
 
 
-def _atomic_lines(path: Path, lines: list[str]) -> None:
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.writelines(line + "\n" for line in lines)
-    os.chmod(staging, 0o644)
-    os.replace(staging, path)
-
-
-def _write_removed(result: CurationResult, path: Path) -> None:
+def _removed_lines(result: CurationResult) -> str:
+    """``removed.jsonl``: one {"source", "record", "uid", "stage", "reason"} object per removed record."""
     files = {s.name: s.lineage.get("file") or s.lineage.get("path") or s.name for s in result.sources}
     rows = []
     for index, (stage, reason) in sorted(result.removed_by().items()):
         item = result.items[index]
         rows.append(json.dumps({"source": files[item.source], "record": item.sample.id, "uid": item.uid,
                                 "stage": stage, "reason": reason}, ensure_ascii=False))
-    _atomic_lines(path, rows)
+    return "".join(row + "\n" for row in rows)

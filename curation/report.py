@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from curation.config import CurateConfig
 from curation.stages.balance import concept_tags
-from curation.truth import score_truth
+from curation.truth import DUPLICATE_OF, DUPLICATE_STAGES, score_truth
 
 if TYPE_CHECKING:
     from curation.pipeline import CurationResult
@@ -128,7 +127,8 @@ def build_report(result: CurationResult, cfg: CurateConfig) -> dict[str, Any]:
     return report
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a readable (0644) temporary file in the same folder and a rename."""
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         out.write(text)
@@ -197,11 +197,11 @@ def _duplicate_examples(result: CurationResult, per_stage: int = 3) -> list[tupl
     by_uid = {item.uid: item for item in result.items}
     pairs = []
     for stage, inputs in result.stages:
-        if stage.stage not in ("exact", "near", "semantic"):
+        if stage.stage not in DUPLICATE_STAGES:
             continue
         count = 0
         for local, reason in sorted(stage.removed.items()):
-            match = re.search(r"duplicate of (\S+)", reason)
+            match = DUPLICATE_OF.search(reason)
             removed_item = result.items[int(inputs[local])]
             original = by_uid.get(match.group(1)) if match else None
             if original is None or not removed_item.images or not original.images:
@@ -217,11 +217,11 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     counts = report["counts"]
     lines = [
         "# Curation report", "",
-        f"Config hash `{report['config_hash']}`. Accounting: {report['accounting']['identity']}: "
-        f"**{report['accounting']['values']}**. Embeddings: {report['embeddings'] or 'not computed'}.", "",
+        (f"Config hash `{report['config_hash']}`. Accounting: {report['accounting']['identity']}: "
+        f"**{report['accounting']['values']}**. Embeddings: {report['embeddings'] or 'not computed'}."), "",
         "## Stages", "", "| stage | in | removed | out |", "|---|---:|---:|---:|",
-        f"| ingest (validation) | {counts['ingested']} | {counts['quarantined']} (quarantined) | "
-        f"{counts['ingested'] - counts['quarantined']} |",
+        (f"| ingest (validation) | {counts['ingested']} | {counts['quarantined']} (quarantined) | "
+        f"{counts['ingested'] - counts['quarantined']} |"),
     ]
     for row in report["stages"]:
         note = " (off)" if row["summary"].get("skipped") else ""
@@ -250,8 +250,8 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         for cls, entry in truth["classes"].items():
             stages = ", ".join(f"{k} {v}" for k, v in sorted(entry["by_stage"].items()))
             lines.append(f"| {cls} | {entry['planted']} | {entry['removed']} | {entry['rate']:.1%} | {stages} |")
-        lines += ["", f"Clean records removed: {truth['clean_removed']} ({truth['clean_removed_rate']:.2%}), "
-                      f"of which {truth['clean_removed_natural_duplicates']} were duplicates of another clean record."]
+        lines += ["", (f"Clean records removed: {truth['clean_removed']} ({truth['clean_removed_rate']:.2%}), "
+                      f"of which {truth['clean_removed_natural_duplicates']} were duplicates of another clean record.")]
         if "skew" in truth:
             skew = truth["skew"]
             lines.append(f"Skewed concept `{skew['word']}`: {skew['records_with_word']} records before "
@@ -267,6 +267,6 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
 def write_report(result: CurationResult, cfg: CurateConfig, output: Path) -> None:
     """Write report.json, report.md and plots/*.png into ``output``."""
     report = result.report
-    _atomic_text(output / "report.json", json.dumps(report, indent=1, default=str))
+    atomic_text(output / "report.json", json.dumps(report, indent=1, default=str))
     plots = _plots(result, report, output / "plots")
-    _atomic_text(output / "report.md", _markdown(report, plots))
+    atomic_text(output / "report.md", _markdown(report, plots))

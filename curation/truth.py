@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 DUPLICATE_STAGES = ("exact", "near", "semantic")
-_DUPLICATE_OF = re.compile(r"duplicate of (\S+)")
+DUPLICATE_OF = re.compile(r"duplicate of (\S+)")  # the uid a dedup stage's reason names
 
 
 def score_truth(
@@ -50,7 +50,7 @@ def score_truth(
             entry["by_stage"][stage] += 1
             if row["class"] == "clean":
                 clean_removed_by[stage] += 1
-                match = _DUPLICATE_OF.search(reason)
+                match = DUPLICATE_OF.search(reason)
                 if stage in DUPLICATE_STAGES and match and match.group(1).split("/", 1)[-1] in clean_ids:
                     natural += 1
         elif label not in kept_ids:

@@ -8,17 +8,15 @@ checks themselves are the loader's (:func:`vlm_core.data.llava.validate_records`
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vlm_core.data.errors import DataError
+from vlm_core.data import llava
 
 __all__ = ["non_utf8_field", "read_records"]
 
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 Parsed = tuple[int, Any, "str | None"]  # (index in the file, record or None, reason when it could not be parsed)
@@ -27,39 +25,12 @@ Parsed = tuple[int, Any, "str | None"]  # (index in the file, record or None, re
 def read_records(path: Path) -> Iterator[Parsed]:
     """Yield ``(index, record, parse_error)`` for a JSON list (``.json``) or one object per line (``.jsonl``).
 
-    A record holding bytes that are not UTF-8 is yielded with a ``parse_error`` naming the field. Raises
-    ``DataError`` only for a file that cannot be read at all: missing, invalid JSON in a ``.json`` list,
-    or a top-level value that is not a list.
+    The loader's reader (:func:`vlm_core.data.llava.read_records`), except that a record holding bytes that
+    are not UTF-8 is yielded with a ``parse_error`` naming the field. Raises ``DataError`` only for a file
+    that cannot be read at all: missing, invalid JSON in a ``.json`` list, or a top-level value that is not
+    a list.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the source file ({exc}); check the source's path") from exc
-    text = raw.decode("utf-8", errors="surrogateescape")
-    if path.suffix.lower() in _JSONL_SUFFIXES:
-        index = 0
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield index, None, f"line {line_number}, column {exc.colno}: invalid JSON ({exc.msg}); fix or delete the line"
-            else:
-                yield index, record, _utf8_error(record, f"line {line_number}")
-            index += 1
-        return
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; fix the file, or write "
-            "one record per line as .jsonl so that a broken record costs one line, not the file"
-        ) from exc
-    if not isinstance(document, list):
-        raise DataError(f"{path}: expected a JSON list of records at the top level; wrap the records in [...]")
-    for index, record in enumerate(document):
-        yield index, record, _utf8_error(record, f"record #{index}")
+    return llava.read_records(path, record_error=_utf8_error)
 
 
 def non_utf8_field(value: Any, where: str = "") -> str | None:

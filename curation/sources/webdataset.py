@@ -77,7 +77,8 @@ def _refusal(member: tarfile.TarInfo) -> str | None:
 
 def extract_shard(shard: Path, cache_root: Path) -> ExtractedShard:
     """Copy the shard's safe regular files into ``cache_root/<sha of the shard>/`` (once; reused when complete)."""
-    digest = hashlib.sha256(shard.read_bytes()).hexdigest()[:16]
+    with shard.open("rb") as handle:  # streamed: a shard is often a gigabyte, too much to hold for a hash
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()[:16]
     folder = cache_root / digest
     result = ExtractedShard(shard, folder)
     index_path = folder / EXTRACT_MARKER

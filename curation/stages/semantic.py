@@ -153,6 +153,28 @@ def _unique_pairs(parts: list[Neighbours]) -> Neighbours:
     return Neighbours(later[first], earlier[first], similarity[first])
 
 
+def clustered_pairs(
+    x: np.ndarray, k: int, cfg: SemanticConfig, threshold: float, gpu: bool, show_progress: bool = False
+) -> tuple[Neighbours, np.ndarray, np.ndarray]:
+    """The SemDeDup search: spherical k-means into ``k`` clusters, then every pair above ``threshold`` within each.
+
+    An item whose second-nearest centroid is within ``cfg.boundary_margin`` (inner product) of its nearest
+    is searched in both clusters. Returns the unique pairs, each item's nearest centroid ([N] int64) and
+    whether it was searched in two clusters ([N] bool).
+    """
+    _, nearest, similarity = spherical_kmeans(x, k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, gpu, nearest=2)
+    assignment = nearest[:, 0]
+    guests = np.zeros(len(x), dtype=bool)
+    if nearest.shape[1] > 1:
+        guests = similarity[:, 1] >= similarity[:, 0] - cfg.boundary_margin
+    parts = []
+    for cluster in tqdm(range(k), desc="semantic: clusters", unit="cluster", disable=not show_progress, leave=False):
+        members = np.flatnonzero((assignment == cluster) | (guests & (nearest[:, -1] == cluster)))  # ascending
+        if members.size > 1:
+            parts.append(cluster_neighbours(x, members, threshold, gpu))
+    return _unique_pairs(parts), assignment, guests
+
+
 def semantic_dedup(
     x: np.ndarray, uids: Sequence[str], cfg: SemanticConfig, show_progress: bool = False, gpu: bool | None = None
 ) -> StageResult:
@@ -171,19 +193,8 @@ def semantic_dedup(
     x = np.ascontiguousarray(x, dtype=np.float32)
     gpu = use_gpu() if gpu is None else gpu
     k = min(cfg.clusters or default_clusters(n), n)
-    _, nearest, similarity = spherical_kmeans(x, k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, gpu, nearest=2)
-    assignment = nearest[:, 0]
-    guests = np.zeros(n, dtype=bool)
-    if nearest.shape[1] > 1:
-        guests = similarity[:, 1] >= similarity[:, 0] - cfg.boundary_margin
     epsilons = sorted({*cfg.epsilons, cfg.epsilon})
-    lowest = 1.0 - max(epsilons)
-    parts = []
-    for cluster in tqdm(range(k), desc="semantic: clusters", unit="cluster", disable=not show_progress, leave=False):
-        members = np.flatnonzero((assignment == cluster) | (guests & (nearest[:, -1] == cluster)))  # ascending
-        if members.size > 1:
-            parts.append(cluster_neighbours(x, members, lowest, gpu))
-    pairs = _unique_pairs(parts)
+    pairs, assignment, guests = clustered_pairs(x, k, cfg, 1.0 - max(epsilons), gpu, show_progress)
     max_similarity = np.zeros(n, dtype=np.float32)
     np.maximum.at(max_similarity, pairs.later, pairs.similarity)
     removed_per_eps = {eps: greedy_removals(pairs, 1.0 - eps) for eps in epsilons}

@@ -12,6 +12,8 @@ from curation import pipeline
 from curation.config import CurateConfig, DirtyConfig, SourceConfig
 from curation.pipeline import AccountingError, check_accounting, run_curation
 from curation.sources.world.config import WORDS, WorldConfig
+from curation.sources.world.dirty_writer import load_truth
+from curation.truth import score_truth
 from vlm_core.data.manifest import read_manifest
 
 DIRTY = DirtyConfig(exact_dup=0.1, near_dup=0.1, wrong_caption=0.05, blank=0.05, corrupt=0.03, skew_factor=12.0,
@@ -51,6 +53,9 @@ def test_accounting_identity_and_outputs(curated) -> None:
     cfg, result, _ = curated
     counts = result.report["counts"]
     assert counts["ingested"] == counts["kept"] + counts["quarantined"] + counts["removed"]
+    # Counted independently of the pipeline: truth.jsonl has one row per record the dirty world wrote.
+    [source] = result.sources
+    assert counts["ingested"] == len(load_truth(Path(source.lineage["truth"])))
     assert counts["removed"] == sum(counts["removed_by_stage"].values())
     out = Path(cfg.output_dir)
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
@@ -73,6 +78,24 @@ def test_accounting_check_catches_a_lost_record(curated) -> None:
                                      result.config_hash, result.output_dir)
     with pytest.raises(AccountingError, match="ingested"):
         check_accounting(broken)
+    removed = next(iter(result.removed_by()))
+    twice = pipeline.CurationResult(result.items, result.sources, result.stages, np.append(result.kept, removed),
+                                    np.append(result.weights, 1.0), result.config_hash, result.output_dir)
+    with pytest.raises(AccountingError, match="both kept and removed"):
+        check_accounting(twice)
+
+
+def test_score_truth_counts_a_kept_planted_record_as_missed() -> None:
+    truth = [{"index": 0, "id": "a", "class": "clean"}, {"index": 1, "id": "b", "class": "exact_dup"},
+             {"index": 2, "id": "c", "class": "exact_dup"}, {"index": 3, "id": None, "class": "bad_record"},
+             {"index": 4, "id": "e", "class": "clean"}]
+    outcome = {"b": ("exact", "exact duplicate of w/a (same pixels)"), "#3": ("quarantine", "line 4: invalid JSON"),
+               "e": ("near", "near duplicate of w/a (text similarity 0.9)")}
+    report = score_truth(truth, outcome, {"a", "c"}, {}, "w")
+    assert report["recall"] == {"exact_dup": 0.5, "bad_record": 1.0}
+    assert report["clean_removed"] == 1 and report["clean_removed_natural_duplicates"] == 1
+    with pytest.raises(ValueError, match="neither kept nor removed"):
+        score_truth(truth, outcome, {"a"}, {}, "w")  # c is lost
 
 
 def test_a_killed_run_resumes_from_its_finished_stages(curated, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,7 +37,16 @@ from vlm_core.data.image import PIL_DECODE_ERRORS
 from vlm_core.data.tokenizer import CONTROL_TOKENS, IMAGE_TOKEN
 from vlm_core.types import QuarantinedRecord, Sample, Turn
 
-__all__ = ["DataError", "ImageCheck", "ROLE_ALIASES", "load_llava", "validate_records", "verify_image", "write_quarantine"]
+__all__ = [
+    "ROLE_ALIASES",
+    "DataError",
+    "ImageCheck",
+    "load_llava",
+    "read_records",
+    "validate_records",
+    "verify_image",
+    "write_quarantine",
+]
 
 ROLE_ALIASES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -90,7 +99,7 @@ def load_llava(
     if not path.is_file():
         raise DataError(f"{path}: LLaVA file not found; check the source path in the data config")
     return validate_records(
-        _read_records(path), str(path), image_root, source=source, max_images=max_images, strict=strict
+        read_records(path), str(path), image_root, source=source, max_images=max_images, strict=strict
     )
 
 
@@ -173,22 +182,44 @@ def write_quarantine(records: Iterable[QuarantinedRecord], path: Path | str) -> 
     return path
 
 
-def _read_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield ``(index, record, parse_error)``; ``parse_error`` is set (and record None) for a broken JSONL line."""
+# Checks one parsed record; ``where`` is "line <n>" (JSONL) or "record #<i>" (a JSON list). Returns the reason
+# to quarantine it, or None.
+RecordCheck = Callable[[Any, str], str | None]
+
+
+def read_records(path: Path, record_error: RecordCheck | None = None) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(index, record, parse_error)``; ``parse_error`` is set (and record None) for a broken JSONL line.
+
+    Without ``record_error`` a file that is not UTF-8 raises ``DataError`` as a whole. With it, the bytes are
+    decoded with ``surrogateescape`` (each invalid byte becomes a lone surrogate in the string it belongs to)
+    and every parsed record is passed to ``record_error``, whose reason becomes its ``parse_error``: curation
+    uses this to quarantine just the records that hold such a byte.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        if record_error is None:
+            text = path.read_text(encoding="utf-8")
+        else:
+            text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}); re-save the file as UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the source file ({exc}); check the source's path") from exc
+
+    def check(record: Any, where: str) -> str | None:
+        return record_error(record, where) if record_error is not None else None
+
     if path.suffix.lower() in _JSONL_SUFFIXES:
         index = 0
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) are not records
             try:
-                yield index, json.loads(line), None
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 reason = f"line {line_number}, column {exc.colno}: invalid JSON ({exc.msg}); fix or delete the line"
                 yield index, None, reason
+            else:
+                yield index, record, check(record, f"line {line_number}")
             index += 1
         return
     # A file of objects one per line, named .json, is a common mix-up; say so rather than only "Extra data".
@@ -206,7 +237,7 @@ def _read_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             "wrap the records in [...] or write them one per line as .jsonl"
         )
     for index, record in enumerate(document):
-        yield index, record, None
+        yield index, record, check(record, f"record #{index}")
 
 
 def _record_id(record: Any) -> str:
