@@ -92,7 +92,7 @@ def plot(histories: dict[tuple[str, int], list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def render(rows: list[dict], histories: dict, args: argparse.Namespace, wall_s: float, plot_name: str) -> str:
+def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name: str) -> str:
     by = {s: [r for r in rows if r["strategy"] == s] for s in STRATEGIES}
 
     def mean(strategy: str, key: str) -> float:
@@ -153,7 +153,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     plot_name = f"metabolize_{args.name}.png"
     plot(histories, args.results / plot_name)
-    text = render(rows, histories, args, time.perf_counter() - started, plot_name)
+    text = render(rows, args, time.perf_counter() - started, plot_name)
     (args.results / f"metabolize_{args.name}.md").write_text(text)
     (args.results / f"metabolize_{args.name}.json").write_text(json.dumps(rows, indent=1))
     print(text)

@@ -22,8 +22,6 @@ import torch
 from rich.console import Console
 
 from vlm_core.config import EVAL_FORMATS, EvalConfig
-from vlm_core.data.image import ImageProcessor
-from vlm_core.data.tokenizer import ChatEncoder
 from vlm_core.eval.evaluate import render_table
 from vlm_core.eval.formats import run_benchmark
 from vlm_core.hf.checkpoint import load_trained
@@ -61,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = EvalConfig(format=args.format, questions=args.questions, images=args.images, **overrides)
         trained = load_trained(args.checkpoint, args.tokenizer, device=device)
-        vision = trained.config.vision
-        encoder = ChatEncoder(trained.tokenizer, vision.num_patches)
-        processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std)
-        result = run_benchmark(trained.model, encoder, processor, cfg, show_progress=True)
+        result = run_benchmark(trained.model, trained.encoder, trained.processor, cfg, show_progress=True)
     except ValueError as exc:  # FormatError, CheckpointError, bad settings: user-facing, with file/line/field
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -15,27 +16,49 @@ from vlm_core.config import EvalConfig
 from vlm_core.data.image import ImageProcessor
 from vlm_core.data.tokenizer import ChatEncoder
 from vlm_core.eval.generate import greedy_generate
-from vlm_core.types import EvalReport, Sample, TokenizedSample
+from vlm_core.types import EvalReport, Sample, TokenizedSample, Turn
 
 Scorer = Callable[[Sample, str], float]
 NO_SKILL = "all"  # the bucket of samples that carry no skill tag
+T = TypeVar("T")
+
+
+def prompt_sample(turns: Sequence[Turn], images: torch.Tensor, encoder: ChatEncoder, sample_id: str) -> TokenizedSample:
+    """``turns`` (ending with a user turn) plus the generation prompt, with their images ``[N_img, C, H, W]``."""
+    input_ids = encoder.encode_prompt(turns)
+    return TokenizedSample(
+        input_ids=input_ids, loss_mask=torch.zeros_like(input_ids, dtype=torch.bool),
+        bidir_group=encoder.bidir_groups(input_ids), images=images, sample_id=sample_id,
+    )
 
 
 def build_prompt(sample: Sample, encoder: ChatEncoder, processor: ImageProcessor) -> TokenizedSample:
     """The sample up to its last user turn, ending in the generation prompt."""
     if sample.turns[-1].role != "assistant":
         raise ValueError(f"eval sample {sample.id} ({sample.source}) must end with an assistant turn (the reference)")
-    input_ids = encoder.encode_prompt(sample.turns[:-1])
     images = (
         torch.stack([processor(path) for path in sample.image_paths])
         if sample.image_paths
         else torch.zeros(0, 3, processor.image_size, processor.image_size)
     )
-    bidir = encoder.bidir_groups(input_ids)
-    return TokenizedSample(
-        input_ids=input_ids, loss_mask=torch.zeros_like(input_ids, dtype=torch.bool), bidir_group=bidir,
-        images=images, sample_id=sample.id,
-    )
+    return prompt_sample(sample.turns[:-1], images, encoder, sample.id)
+
+
+def answer_prompts(
+    model: nn.Module, items: Sequence[T], build: Callable[[T], TokenizedSample], tokenizer: Any,
+    max_new_tokens: int, batch_size: int, show_progress: bool = False,
+) -> list[str]:
+    """Greedy answers to ``build(item)`` for each item, in order; prompts are built (images decoded) a batch at a time."""
+    answers: list[str] = []
+    was_training = model.training
+    model.eval()
+    chunks = range(0, len(items), batch_size)
+    for start in tqdm(chunks, desc="    eval", disable=not show_progress, leave=False):
+        prompts = [build(item) for item in items[start : start + batch_size]]  # prefill moves them to the model's device
+        outputs = greedy_generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_token_id, batch_size=batch_size)
+        answers += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+    model.train(was_training)
+    return answers
 
 
 def answer_questions(
@@ -43,17 +66,10 @@ def answer_questions(
     max_new_tokens: int, batch_size: int, show_progress: bool = False,
 ) -> list[str]:
     """Greedy answers to the last question of each sample, in order."""
-    tokenizer = encoder.tokenizer
-    answers: list[str] = []
-    was_training = model.training
-    model.eval()
-    chunks = range(0, len(samples), batch_size)
-    for start in tqdm(chunks, desc="    eval", disable=not show_progress, leave=False):
-        prompts = [build_prompt(s, encoder, processor) for s in samples[start : start + batch_size]]  # prefill moves them to the model's device
-        outputs = greedy_generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_token_id, batch_size=batch_size)
-        answers += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
-    model.train(was_training)
-    return answers
+    return answer_prompts(
+        model, samples, lambda sample: build_prompt(sample, encoder, processor), encoder.tokenizer,
+        max_new_tokens, batch_size, show_progress,
+    )
 
 
 def evaluate(

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from vlm_core.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from vlm_core.data.image import ImageProcessor
+from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
 from vlm_core.model.config import HFSourceConfig, ModelConfig, VisionConfig
 from vlm_core.model.vlm import VLM
 from vlm_core.train.checkpoint import (
@@ -29,13 +30,18 @@ from vlm_core.train.checkpoint import (
 
 @dataclass
 class TrainedModel:
-    """A checkpoint loaded for inference: the model (eval mode), its config and tokenizer, and where they came from."""
+    """A checkpoint loaded for inference: the model (eval mode), its config and tokenizer, and where they came from.
+
+    ``encoder`` and ``processor`` turn conversations and images into the model's inputs, as in training.
+    """
 
     model: VLM
     config: ModelConfig
     tokenizer: Any  # PreTrainedTokenizerFast with <image>
     checkpoint: Path
     state: dict[str, Any]
+    encoder: ChatEncoder
+    processor: ImageProcessor
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -127,4 +133,9 @@ def load_trained(
             f"unexpected {sorted(unexpected)[:8]}"
         )
     model.to(device).eval()
-    return TrainedModel(model=model, config=config, tokenizer=tokenizer, checkpoint=path, state=state)
+    vision = config.vision
+    return TrainedModel(
+        model=model, config=config, tokenizer=tokenizer, checkpoint=path, state=state,
+        encoder=ChatEncoder(tokenizer, vision.num_patches),
+        processor=ImageProcessor(vision.image_size, vision.image_mean, vision.image_std),
+    )

@@ -179,7 +179,8 @@ class Loop:
                 part = self.out / f"round-{j}" / f"increment-{name}.parquet"
                 if part.is_file():
                     parts.append((part, cfg.rounds_train.increment_weight))
-                replaced |= self._replaced(j) if j < k else set()
+            if j < k:
+                replaced |= self._replaced(j)
         metadata = {
             "config_hash": self.digest, "mixture_seed": cfg.seed, "world": asdict(cfg.job.data.world),
             "sources": {name: {**info, **self._scenes_lineage(info["round"])} for name, info in lineage.items()},
@@ -324,18 +325,14 @@ def _divide_plan(plan: dict[str, int], parts: int) -> list[dict[str, int]]:
 
 def _model_answerer(run_dir: Path, cfg: SelfAugmentConfig) -> Callable[[list[Sample]], list[str]]:
     """Greedy answers of the model in ``run_dir`` (loaded once, on the CPU)."""
-    from vlm_core.data.image import ImageProcessor
-    from vlm_core.data.tokenizer import ChatEncoder
     from vlm_core.eval.evaluate import answer_questions
     from vlm_core.hf.checkpoint import load_trained
 
     trained = load_trained(run_dir)
-    encoder = ChatEncoder(trained.tokenizer, trained.config.vision.num_patches)
-    vision = trained.config.vision
-    processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std)
 
     def answer(samples: list[Sample]) -> list[str]:
-        return answer_questions(trained.model, samples, encoder, processor, cfg.max_new_tokens, cfg.batch_size)
+        return answer_questions(trained.model, samples, trained.encoder, trained.processor, cfg.max_new_tokens,
+                                cfg.batch_size)
 
     return answer
 

@@ -17,7 +17,6 @@ import binascii
 import io
 import json
 import logging
-import tempfile
 import threading
 import time
 import uuid
@@ -25,13 +24,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
-from vlm_core.data.image import ImageProcessor
-from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder
-from vlm_core.eval.evaluate import answer_questions
+from vlm_core.data.tokenizer import IMAGE_TOKEN
+from vlm_core.eval.evaluate import answer_prompts, prompt_sample
 from vlm_core.hf.checkpoint import TrainedModel, load_trained
-from vlm_core.types import Sample, Turn
+from vlm_core.types import Turn
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +47,22 @@ class ChatModel:
 
     def __init__(self, trained: TrainedModel, name: str = "vlm-data-metabolism") -> None:
         self.trained, self.name = trained, name
-        config = trained.config
-        self.encoder = ChatEncoder(trained.tokenizer, config.vision.num_patches)
-        self.processor = ImageProcessor(config.vision.image_size, config.vision.image_mean, config.vision.image_std)
         self._lock = threading.Lock()
-        self._scratch = Path(tempfile.mkdtemp(prefix="vlm-serve-"))
 
     def complete(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
-        turns, images = _turns_and_images(messages, self._scratch)
+        turns, images = _turns_and_images(messages)
         if not turns or turns[-1].role != "user":
             raise RequestError("messages must end with a user message")
-        sample = Sample(id=uuid.uuid4().hex, source="http", image_paths=tuple(images),
-                        turns=(*turns, Turn("assistant", "")))
-        try:
-            with self._lock:
-                return answer_questions(self.trained.model, [sample], self.encoder, self.processor, max_tokens, 1)[0]
-        finally:
-            for path in images:
-                path.unlink(missing_ok=True)
+        trained = self.trained
+        size = trained.processor.image_size
+        pixels = (torch.stack([trained.processor.from_pil(image) for image in images]) if images
+                  else torch.zeros(0, 3, size, size))  # [N_img, C, H, W]
+        prompt = prompt_sample(turns, pixels, trained.encoder, uuid.uuid4().hex)
+        with self._lock:
+            return answer_prompts(trained.model, [prompt], lambda built: built, trained.tokenizer, max_tokens, 1)[0]
 
 
-def _decode_image(url: str, scratch: Path) -> Path:
+def _decode_image(url: str) -> Image.Image:
     if not url.startswith("data:image/") or ";base64," not in url:
         raise RequestError("image_url.url must be a base64 data URL (data:image/png;base64,...); URLs are not fetched")
     try:
@@ -76,15 +70,12 @@ def _decode_image(url: str, scratch: Path) -> Path:
         image = Image.open(io.BytesIO(raw))
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise RequestError(f"image of {image.width}x{image.height} pixels is larger than {MAX_IMAGE_PIXELS}")
-        image = image.convert("RGB")
+        return image.convert("RGB")  # decodes every pixel now, so a truncated image fails here
     except (binascii.Error, OSError) as exc:
         raise RequestError(f"image_url is not a decodable image ({exc})") from exc
-    path = scratch / f"{uuid.uuid4().hex}.png"
-    image.save(path)
-    return path
 
 
-def _turns_and_images(messages: list[dict[str, Any]], scratch: Path) -> tuple[list[Turn], list[Path]]:
+def _turns_and_images(messages: list[dict[str, Any]]) -> tuple[list[Turn], list[Image.Image]]:
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list")
     turns, images = [], []
@@ -105,7 +96,7 @@ def _turns_and_images(messages: list[dict[str, Any]], scratch: Path) -> tuple[li
                     parts.append(str(part.get("text", "")))
                 elif kind == "image_url" and role == "user":
                     url = part.get("image_url")
-                    images.append(_decode_image(url.get("url", "") if isinstance(url, dict) else str(url), scratch))
+                    images.append(_decode_image(url.get("url", "") if isinstance(url, dict) else str(url)))
                     parts.append(IMAGE_TOKEN)
                 else:
                     raise RequestError(f"messages[{index}]: content part of type {kind!r} is not supported")

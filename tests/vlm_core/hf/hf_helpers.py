@@ -30,9 +30,7 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             noise = torch.randn(param.shape, generator=generator)
             if "norm" in name and name.endswith("weight"):
                 param.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            else:
+            else:  # biases included
                 param.copy_(0.1 * noise)
     return model.eval()
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from curation.sources.world import WorldConfig, check_answer
-from vlm_core.data.image import ImageProcessor
-from vlm_core.data.tokenizer import ChatEncoder
 from vlm_core.eval.evaluate import answer_questions
 from vlm_core.hf.checkpoint import load_trained
 from vlm_core.loop.config import HttpTeacherConfig, TeacherConfig
 from vlm_core.loop.generators import HttpTeacher, WorldTeacher, chat_request
 from vlm_core.loop.server import make_server
+from vlm_core.types import Sample, Turn
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +34,7 @@ def server(trained_run: Path) -> Iterator[str]:
 
 def local_answers(run: Path, samples, max_tokens: int) -> list[str]:
     trained = load_trained(run)
-    vision = trained.config.vision
-    encoder = ChatEncoder(trained.tokenizer, vision.num_patches)
-    processor = ImageProcessor(vision.image_size, vision.image_mean, vision.image_std)
-    return answer_questions(trained.model, samples, encoder, processor, max_tokens, 1)
+    return answer_questions(trained.model, samples, trained.encoder, trained.processor, max_tokens, 1)
 
 
 def test_http_teacher_returns_the_served_models_answers(server: str, trained_run: Path, smoke_cfg,
@@ -63,11 +59,15 @@ def test_http_teacher_returns_the_served_models_answers(server: str, trained_run
         assert check_answer(sample.skill, scene, sample.meta["questions"][0], sample.turns[-1].text) == 1.0
 
 
-def test_server_speaks_the_openai_format(server: str, tmp_path: Path, smoke_cfg) -> None:
+def test_server_speaks_the_openai_format(server: str, trained_run: Path, tmp_path: Path, smoke_cfg) -> None:
     world = smoke_cfg.job.data.world
     record = WorldTeacher(world, TeacherConfig(), tmp_path, frozenset()).generate({"count": 1}, 1, "q", "q").samples[0]
-    text = chat_request(server, "any-name", "How many shapes are there?", record.image_paths[0], 4, 30)
-    assert isinstance(text, str)
+    question = "How many shapes are there?"
+    text = chat_request(server, "any-name", question, record.image_paths[0], 4, 30)
+    # The server puts each image part where it stands among the text parts: here after the question.
+    asked = Sample(id="q", source="q", image_paths=record.image_paths,
+                   turns=(Turn("user", f"{question}\n<image>"), Turn("assistant", "")))
+    assert text == local_answers(trained_run, [asked], 4)[0]
     models = json.loads(urllib.request.urlopen(server.replace("/chat/completions", "/models"), timeout=30).read())
     assert models["object"] == "list" and models["data"]
     bad = urllib.request.Request(server, data=json.dumps({"messages": [{"role": "user", "content": [

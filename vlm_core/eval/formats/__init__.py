@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from vlm_core.config import EvalConfig
 from vlm_core.data.errors import DataError
 from vlm_core.data.image import PIL_DECODE_ERRORS, ImageProcessor
 from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder
+from vlm_core.eval.evaluate import answer_prompts, prompt_sample
 from vlm_core.eval.formats import mmbench, mme, pope, vqa
 from vlm_core.eval.formats.common import (
     BenchmarkItem,
@@ -28,7 +26,6 @@ from vlm_core.eval.formats.common import (
     limit_per_subset,
     open_image,
 )
-from vlm_core.eval.generate import greedy_generate
 from vlm_core.model.vlm import VLM
 from vlm_core.types import TokenizedSample, Turn
 
@@ -50,60 +47,36 @@ def load_benchmark(cfg: EvalConfig) -> list[BenchmarkItem]:
     if images is not None and not images.is_dir():
         raise FormatError(images, None, None, "eval.images is not a folder")
     if cfg.format == "mmbench":  # whole questions, with all their rotations
-        return _limit_questions(mmbench.load(questions, images, circular=cfg.circular), cfg.limit_per_skill, "index")
+        return limit_per_subset(mmbench.load(questions, images, circular=cfg.circular), cfg.limit_per_skill, "index")
     items = FORMATS[cfg.format].load(questions, images)
     if cfg.format == "mme":  # whole images, so that acc+ sees both questions of each
-        return _limit_questions(items, cfg.limit_per_skill, "image_key")
+        return limit_per_subset(items, cfg.limit_per_skill, "image_key")
     return limit_per_subset(items, cfg.limit_per_skill)
-
-
-def _limit_questions(items: list[BenchmarkItem], limit: int | None, group: str) -> list[BenchmarkItem]:
-    """At most ``limit`` groups (items sharing ``meta[group]``) per subset, in file order."""
-    if limit is None:
-        return items
-    kept_groups: dict[str, list[str]] = {}
-    kept = []
-    for item in items:
-        groups = kept_groups.setdefault(item.subset, [])
-        key = item.meta[group]
-        if key not in groups and len(groups) < limit:
-            groups.append(key)
-        if key in groups:
-            kept.append(item)
-    return kept
 
 
 def build_prompt(item: BenchmarkItem, encoder: ChatEncoder, processor: ImageProcessor, suffix: str) -> TokenizedSample:
     """One user turn ``<image>\\n{question}{suffix}`` ending in the generation prompt, with its image."""
-    try:
-        input_ids = encoder.encode_prompt([Turn("user", f"{IMAGE_TOKEN}\n{item.question}{suffix}")])
-    except ValueError as exc:  # e.g. a chat control token inside the question
-        raise FormatError(item.source, None, "question", str(exc)) from exc
     try:
         with open_image(item.image) as image:
             pixels = processor.from_pil(image)[None]  # [1, C, H, W]
     except (DataError, *PIL_DECODE_ERRORS) as exc:  # a corrupt or truncated image file
         what = item.image if isinstance(item.image, Path) else "the inline image"
         raise FormatError(item.source, None, "image", f"cannot decode {what}: {exc}") from exc
-    return TokenizedSample(
-        input_ids=input_ids, loss_mask=torch.zeros_like(input_ids, dtype=torch.bool),
-        bidir_group=encoder.bidir_groups(input_ids), images=pixels, sample_id=item.id,
-    )
+    try:
+        return prompt_sample([Turn("user", f"{IMAGE_TOKEN}\n{item.question}{suffix}")], pixels, encoder, item.id)
+    except ValueError as exc:  # e.g. a chat control token inside the question
+        raise FormatError(item.source, None, "question", str(exc)) from exc
 
 
-@torch.inference_mode()
 def answer_items(
     model: VLM, items: Sequence[BenchmarkItem], encoder: ChatEncoder, processor: ImageProcessor, suffix: str,
     max_new_tokens: int, batch_size: int, show_progress: bool = False,
 ) -> list[str]:
     """Greedy answers, in order; prompts are built (and images decoded) one batch at a time."""
-    tokenizer = encoder.tokenizer
-    answers: list[str] = []
-    for start in tqdm(range(0, len(items), batch_size), desc="    eval", disable=not show_progress, leave=False):
-        prompts = [build_prompt(item, encoder, processor, suffix) for item in items[start : start + batch_size]]
-        outputs = greedy_generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_token_id, batch_size=batch_size)
-        answers += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
-    return answers
+    return answer_prompts(
+        model, items, lambda item: build_prompt(item, encoder, processor, suffix), encoder.tokenizer,
+        max_new_tokens, batch_size, show_progress,
+    )
 
 
 def score_benchmark(cfg: EvalConfig, items: list[BenchmarkItem], answers: list[str]) -> BenchmarkResult:

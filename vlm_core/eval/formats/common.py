@@ -125,14 +125,22 @@ def open_image(image: Path | bytes) -> Image.Image:
     return Image.open(io.BytesIO(image)) if isinstance(image, bytes) else Image.open(image)
 
 
-def limit_per_subset(items: list[BenchmarkItem], limit: int | None) -> list[BenchmarkItem]:
-    """At most ``limit`` items per subset, in file order (None = all)."""
+def limit_per_subset(items: list[BenchmarkItem], limit: int | None, group: str | None = None) -> list[BenchmarkItem]:
+    """At most ``limit`` items per subset, in file order (None = all).
+
+    With ``group``, at most ``limit`` groups per subset instead, a group being the items that share
+    ``meta[group]`` (an MME image's questions, an MMBench question's rotations), each kept whole.
+    """
     if limit is None:
         return items
-    kept, seen = [], {}
+    kept_groups: dict[str, set[Any]] = {}
+    kept = []
     for item in items:
-        if seen.get(item.subset, 0) < limit:
-            seen[item.subset] = seen.get(item.subset, 0) + 1
+        groups = kept_groups.setdefault(item.subset, set())
+        key = item.meta[group] if group is not None else item.id  # ids are unique within a benchmark
+        if key not in groups and len(groups) < limit:
+            groups.add(key)
+        if key in groups:
             kept.append(item)
     return kept
 
