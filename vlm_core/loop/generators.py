@@ -164,16 +164,19 @@ def image_data_url(path: Path) -> str:
 
 
 def chat_request(url: str, model: str, question: str, image: Path, max_tokens: int, timeout_s: float,
-                 api_key: str | None = None) -> str:
-    """One chat-completions call with one image; returns the assistant message's text."""
+                 api_key: str | None = None, image_position: str = "first") -> str:
+    """One chat-completions call with one image; returns the assistant message's text.
+
+    ``image_position`` orders the parts as the world writes its prompts (``data.world.image_position``), so a
+    server that joins the parts in order, like :mod:`vlm_core.loop.server`, sees the layout its model learned.
+    """
+    text = {"type": "text", "text": question}
+    picture = {"type": "image_url", "image_url": {"url": image_data_url(image)}}
     body = {
         "model": model,
         "max_tokens": max_tokens,
         "temperature": 0,
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": question},
-            {"type": "image_url", "image_url": {"url": image_data_url(image)}},
-        ]}],
+        "messages": [{"role": "user", "content": [picture, text] if image_position == "first" else [text, picture]}],
     }
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -205,7 +208,8 @@ class HttpTeacher:
             for question in record.questions:
                 text = question.text  # the image goes with the message as a data URL, not as a placeholder
                 answers.append(chat_request(self.cfg.url, self.cfg.model, text, path, self.cfg.max_tokens,
-                                            self.cfg.timeout_s, self.cfg.api_key))
+                                            self.cfg.timeout_s, self.cfg.api_key,
+                                            self.world_teacher.world.image_position))
             good = all(answers) and (not self.cfg.verify or all(
                 check_answer(record.skill, record.scene, q.meta, a) >= self.cfg.min_score
                 for q, a in zip(record.questions, answers)))

@@ -63,11 +63,13 @@ def test_server_speaks_the_openai_format(server: str, trained_run: Path, tmp_pat
     world = smoke_cfg.job.data.world
     record = WorldTeacher(world, TeacherConfig(), tmp_path, frozenset()).generate({"count": 1}, 1, "q", "q").samples[0]
     question = "How many shapes are there?"
-    text = chat_request(server, "any-name", question, record.image_paths[0], 4, 30)
-    # The server puts each image part where it stands among the text parts: here after the question.
-    asked = Sample(id="q", source="q", image_paths=record.image_paths,
-                   turns=(Turn("user", f"{question}\n<image>"), Turn("assistant", "")))
-    assert text == local_answers(trained_run, [asked], 4)[0]
+    # The server puts each image part where it stands among the text parts: chat_request sends the image
+    # first, as the world writes its prompts by default; asked the other way round, the part order follows.
+    for position, prompt in (("first", f"<image>\n{question}"), ("last", f"{question}\n<image>")):
+        text = chat_request(server, "any-name", question, record.image_paths[0], 4, 30, image_position=position)
+        asked = Sample(id="q", source="q", image_paths=record.image_paths,
+                       turns=(Turn("user", prompt), Turn("assistant", "")))
+        assert text == local_answers(trained_run, [asked], 4)[0]
     models = json.loads(urllib.request.urlopen(server.replace("/chat/completions", "/models"), timeout=30).read())
     assert models["object"] == "list" and models["data"]
     bad = urllib.request.Request(server, data=json.dumps({"messages": [{"role": "user", "content": [
