@@ -38,6 +38,7 @@ from vlm_core.kernels.triton_runtime import (
     _cast,
     _dot,
     check_can_run,
+    check_dtype,
     compute_dtype,
     interpret_bf16,
     interpreting,
@@ -47,7 +48,6 @@ from vlm_core.kernels.triton_runtime import (
 if TYPE_CHECKING:
     import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # GEMM kinds (part of the autotuning key, so each gets its own tuned tile).
 _FWD_GELU, _FWD_SCATTER, _BWD_DACT, _BWD_DW2, _BWD_DW1, _BWD_DX = range(6)
@@ -448,11 +448,7 @@ def _check_limits(embeds, features, rows, w1, b1, w2, b2) -> None:
                          ("fc1_bias", b1), ("fc2_bias", b2)):  # fmt: skip
         if tensor is None:
             continue
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(
-                f"projector_scatter_triton: {name}.dtype={tensor.dtype}; expected one of {list(_SUPPORTED_DTYPES)} "
-                "(use impl='reference' for float64)"
-            )
+        check_dtype("projector_scatter_triton", name, tensor)
         if tensor.device != features.device:
             raise ValueError(f"projector_scatter_triton: {name} is on {tensor.device}, features on {features.device}")
     if rows.shape != (m,) or rows.dtype not in (torch.int32, torch.int64) or rows.device != features.device:

@@ -30,6 +30,7 @@ from torch import nn
 from vlm_core.kernels.triton_runtime import (
     _cast,
     check_can_run,
+    check_dtype,
     compute_dtype,
     interpret_bf16,
     interpreting,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # PyTorch's default; vlm_core.types.IGNORE_INDEX has the same value
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Default chunk: as many tokens as fit 1 GiB of logits in the compute dtype (V=151,936 in bf16: 3,534
 # tokens, so a 16k-token batch runs in 5 chunks). Fewer, larger chunks cost less float32 d-weight
 # accumulation traffic (one [V, D] read-add-write per chunk). Not yet swept on a GPU.
@@ -248,11 +248,7 @@ def _check_limits(hidden, weight, labels, token_weight, chunk_tokens) -> None:
             f"{tuple(weight.shape)} (V, D) with the same D"
         )
     for name, tensor in (("hidden", hidden), ("weight", weight)):
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(
-                f"linear_cross_entropy_triton: {name}.dtype={tensor.dtype}; expected one of "
-                f"{list(_SUPPORTED_DTYPES)} (use impl='reference' for float64)"
-            )
+        check_dtype("linear_cross_entropy_triton", name, tensor)
     n_tokens, n_vocab = hidden.shape[0], weight.shape[0]
     if not 1 <= n_vocab < 2**31:
         raise ValueError(f"linear_cross_entropy_triton: vocabulary size {n_vocab} must be in [1, 2**31)")

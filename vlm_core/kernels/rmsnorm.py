@@ -24,6 +24,7 @@ from torch import nn
 from vlm_core.kernels.triton_runtime import (
     _cast,
     check_can_run,
+    check_dtype,
     interpret_bf16,
     interpreting,
     make_jit,
@@ -32,7 +33,6 @@ from vlm_core.kernels.triton_runtime import (
 if TYPE_CHECKING:
     import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DIM = 65536  # one row lives in registers: 64k float32 values per program is Liger's limit too
 
 
@@ -203,11 +203,7 @@ def _check_limits(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     if weight.shape != (dim,):
         raise ValueError(f"rmsnorm_triton: weight has shape {tuple(weight.shape)}, expected ({dim},) (x's last dim)")
     for name, tensor in (("x", x), ("weight", weight)):
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(
-                f"rmsnorm_triton: {name}.dtype={tensor.dtype} is not supported; expected one of "
-                f"{list(_SUPPORTED_DTYPES)} (use impl='reference' for float64)"
-            )
+        check_dtype("rmsnorm_triton", name, tensor)
     if weight.device != x.device:
         raise ValueError(f"rmsnorm_triton: x is on {x.device} but weight on {weight.device}")
     if dim > MAX_DIM:

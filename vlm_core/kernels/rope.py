@@ -28,6 +28,7 @@ import torch
 from vlm_core.kernels.triton_runtime import (
     _cast,
     check_can_run,
+    check_dtype,
     interpret_bf16,
     interpreting,
     make_jit,
@@ -36,7 +37,6 @@ from vlm_core.kernels.triton_runtime import (
 if TYPE_CHECKING:
     import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
 _BLOCK_N = 16  # tokens per program; each program loops over the heads of q and of k
 
@@ -217,11 +217,7 @@ def _check_limits(q, k, cos, sin, position_ids) -> None:
     for name, tensor in (("q", q), ("k", k)):
         if tensor.dim() != 3:
             raise ValueError(f"rope_triton: {name} must be 3-d (total, heads, head_dim), got {tuple(tensor.shape)}")
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(
-                f"rope_triton: {name}.dtype={tensor.dtype}; expected one of {list(_SUPPORTED_DTYPES)} "
-                "(use impl='reference' for float64)"
-            )
+        check_dtype("rope_triton", name, tensor)
         if tensor.stride(-1) != 1:
             raise ValueError(
                 f"rope_triton: {name} has stride {tensor.stride(-1)} in its last dim; rotating in place needs "

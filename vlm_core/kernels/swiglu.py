@@ -26,6 +26,7 @@ from torch import nn
 from vlm_core.kernels.triton_runtime import (
     _cast,
     check_can_run,
+    check_dtype,
     interpret_bf16,
     interpreting,
     make_jit,
@@ -34,7 +35,6 @@ from vlm_core.kernels.triton_runtime import (
 if TYPE_CHECKING:
     import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024  # elements per program; an elementwise kernel, bandwidth-bound at any block >= 512
 _NUM_WARPS = 4
 
@@ -135,11 +135,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape:
         raise ValueError(f"swiglu_triton: gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}; they must match")
     for name, tensor in (("gate", gate), ("up", up)):
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(
-                f"swiglu_triton: {name}.dtype={tensor.dtype} is not supported; expected one of "
-                f"{list(_SUPPORTED_DTYPES)} (use impl='reference' for float64)"
-            )
+        check_dtype("swiglu_triton", name, tensor)
     if gate.device != up.device:
         raise ValueError(f"swiglu_triton: gate is on {gate.device} but up on {up.device}")
     return _SwiGLUFunction.apply(gate.contiguous(), up.contiguous())

@@ -88,6 +88,18 @@ def check_can_run(op: str, device: torch.device) -> None:
         raise ValueError(f"{op}: cannot run on {device}: {reason}")
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every fused Triton op here takes
+
+
+def check_dtype(op: str, name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError naming ``op`` and the argument ``name`` unless ``tensor`` is float16, bfloat16 or float32."""
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{op}: {name}.dtype={tensor.dtype} is not supported; expected one of {list(SUPPORTED_DTYPES)} "
+            "(use impl='reference' for float64)"
+        )
+
+
 def make_jit(module_name: str) -> tuple[dict, Callable]:
     """A private globals dict holding ``tl`` and ``triton``, and ``jit(fn)`` that decorates a copy of fn into it.
 
@@ -158,6 +170,7 @@ DEVICE_HELPERS = (_dot, _cast)
 
 __all__ = [
     "check_can_run",
+    "check_dtype",
     "compute_dtype",
     "interpret_bf16",
     "interpreting",

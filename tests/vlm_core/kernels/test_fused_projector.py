@@ -122,7 +122,10 @@ def test_layer_norm_variant_and_autocast():
         got = projector_scatter(embeds.clone(), features, rows, *args[:4], impl="triton")
         want = projector_scatter(embeds.clone(), features, rows, *args[:4])
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)  # bf16 operands: ~3 significant digits
+    exact = projector_scatter(embeds.double(), features.double(), rows, *(a.double() for a in args[:4]))
+    # The STYLE.md rule against the float64 truth, with the reference under autocast as the bf16 baseline
+    # (measured on the CPU: ours 2.6e-3, baseline 4.4e-3; an rtol/atol of 0.02 allowed ~25x that).
+    check_close("autocast out", got, exact, want, torch.bfloat16)
 
 
 def test_a_projector_that_is_not_two_linears_is_not_fused():

@@ -104,7 +104,11 @@ def test_autocast_and_frozen_weight():
     assert weight.grad is None and got_grad.dtype == torch.float32
     # Both take bf16 logits from one GEMM per row; the softmax and sums are float32 in both.
     assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item()), (loss.item(), want.item())
-    torch.testing.assert_close(got_grad, hidden.grad, rtol=0.02, atol=2e-3)  # bf16 GEMMs: ~3 significant digits
+    # d hidden by the STYLE.md rule against the float64 truth, the reference under autocast as the bf16
+    # baseline (measured on the CPU: ours 6.1e-3, baseline 1.2e-2 at |d hidden| <= 2.3).
+    exact_hidden = hidden.detach().double().requires_grad_(True)
+    linear_cross_entropy_reference(exact_hidden, weight.double(), labels, token_weight.double()).backward()
+    check_close("autocast d hidden", got_grad, exact_hidden.grad, hidden.grad, torch.bfloat16)
 
 
 @pytest.mark.usefixtures("triton_kernels")

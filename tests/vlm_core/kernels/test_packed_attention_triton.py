@@ -3,7 +3,7 @@
 Without CUDA the kernels run in Triton's interpreter at small sizes, so CI exercises them; the
 large bf16/fp16 cases need a GPU and are skipped otherwise. The interpreter needs
 TRITON_INTERPRET=1 twice: when triton is first imported (it decorates its own library, tl.max,
-tl.sum, ..., then) and when the kernels run. This module imports triton under that setting if
+tl.sum, ..., then) and when the kernels run. conftest.py imports triton under that setting if
 nothing has imported it yet, and a fixture sets it around each kernel test; neither leaves it
 set for other tests. If triton was imported earlier without it, the kernel tests skip and say so.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from kernel_checks import (
     HAS_TRITON,
     dense_attention,
     error_report,
-    import_triton_for_the_interpreter,
+    generator,
     layout_tensors,
     max_err,
     requires_cuda,
@@ -41,9 +40,6 @@ from vlm_core.kernels.packed_attention_triton import (
     packed_attention_windows,
     triton_status,
 )
-
-import_triton_for_the_interpreter()
-
 
 # A layout is a list of samples; a sample is a list of spans ("t", n) text or ("i", n) image.
 CPU_LAYOUTS = {
@@ -94,7 +90,7 @@ def build_layout(layout, device="cpu"):
 
 def random_inputs(total, heads, head_dim, dtype, seed_text, device):
     num_q_heads, num_kv_heads = heads
-    generator = torch.Generator().manual_seed(zlib.crc32(seed_text.encode()))
+    seeded = generator(seed_text)
     shapes = [
         (total, num_q_heads, head_dim),
         (total, num_kv_heads, head_dim),
@@ -102,7 +98,7 @@ def random_inputs(total, heads, head_dim, dtype, seed_text, device):
         (total, num_q_heads, head_dim),  # grad_out, shared by every implementation
     ]
     return [
-        torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        torch.randn(shape, generator=seeded).to(device=device, dtype=dtype)
         for shape in shapes
     ]
 
