@@ -53,13 +53,12 @@ def setup(tokens: int, dim: int, vocab: int, dtype: torch.dtype, device: torch.d
     flops = 2.0 * tokens * dim * vocab
     workload = Workload({"tokens": tokens, "D": dim, "V": vocab, "dtype": str(dtype)[6:]}, [hidden, weight],
                         torch.tensor(1.0, device=device), {"forward": flops, "backward": 2 * flops, "full": 3 * flops},
-                        "TFLOP/s")  # fmt: skip
-    workload.labels = labels
+                        "TFLOP/s", constants={"labels": labels})  # fmt: skip
     return workload
 
 
 def providers(workload: Workload) -> dict:
-    labels = workload.labels
+    labels = workload.constants["labels"]
 
     def eager(hidden, weight):
         return linear_cross_entropy_reference(hidden, weight, labels)

@@ -49,6 +49,7 @@ class Workload:
     work: dict[str, float]  # per mode: FLOPs (unit TFLOP/s) or bytes moved (unit GB/s)
     unit: str  # "TFLOP/s" or "GB/s"
     ceiling: float | None = None  # GB/s measured on the device (bandwidth-bound ops), for "% of ceiling"
+    constants: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # non-differentiable inputs (labels)
 
 
 Provider = Callable[[Workload], Callable[..., torch.Tensor]]  # may raise Unavailable

@@ -1,7 +1,7 @@
 """Without a GPU, the tests run the Triton kernels in Triton's CPU interpreter.
 
-TRITON_INTERPRET=1 is set here, before any test module is collected; setdefault keeps a value the
-caller chose (TRITON_INTERPRET=0 turns the triton cases into skips). With triton 3.7 the
+TRITON_INTERPRET=1 is set here, before any test module is collected (setdefault keeps a value the
+caller set). With triton 3.7 the
 interpreter only works if triton is imported after the variable is set, so the fixture below
 reports whether something imported triton before this file ran (a plugin, say).
 """
