@@ -31,7 +31,6 @@ import datetime
 import importlib.metadata
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import git_commit
 from curation.config import SemanticConfig
 from curation.embed import l2_normalize
 from curation.stages.semantic import (
@@ -116,14 +116,6 @@ def device_name() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores" + (", faiss GPU" if use_gpu() else "")
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="embeddings in the speed run")
@@ -167,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"# bench_dedup: semantic dedup of {args.n:,} x {args.dim}-d embeddings", "",
         f"- device: {device_name()}; faiss on the {figures['device']}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- commit: {commit()}",
+        f"- commit: {git_commit()}",
         f"- versions: Python {platform.python_version()}, {versions()}",
         f"- command: `python benchmarks/bench_dedup.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
     ]

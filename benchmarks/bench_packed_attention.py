@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import git_commit  # kernel_bench and bench_train import it from here
 from vlm_core.kernels import (
     _check_packed_attention_inputs,
     _triton_module,
@@ -345,25 +346,6 @@ def peak_mib(call: Callable[[], None], leaves: list[torch.Tensor], device: torch
 
 
 # ------------------------------------------------------------------------------------------ the run
-
-
-def git_commit(root: Path) -> str:
-    """HEAD's commit read from .git (no git process); the working tree may differ from it."""
-    git_dir = root / ".git"
-    try:
-        head = (git_dir / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        ref_file = git_dir / ref
-        if ref_file.is_file():
-            return ref_file.read_text().strip()[:12]
-        for line in (git_dir / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0][:12]
-    except OSError:
-        pass
-    return "unknown"
 
 
 def versions() -> str:

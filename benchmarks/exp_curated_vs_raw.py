@@ -23,7 +23,6 @@ import datetime
 import importlib.metadata
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import git_commit
 from curation.config import CurateConfig, DirtyConfig, SourceConfig
 from curation.pipeline import run_curation
 from curation.sources.world.config import WORDS, WorldConfig
@@ -48,14 +48,6 @@ from vlm_core.config import (
 from vlm_core.model.config import ModelConfig
 from vlm_core.train.job import run_job
 from vlm_core.train.tower import tower_cache_key
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _versions() -> str:
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"- device: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- commit: {_commit()}",
+        f"- commit: {git_commit()}",
         f"- versions: Python {platform.python_version()}, {_versions()}",
         f"- command: `{command.strip()}`",
         f"- world: {world.train_per_skill} clean training records per skill + planted defects (DirtyConfig defaults); "

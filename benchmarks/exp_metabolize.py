@@ -25,7 +25,6 @@ import importlib.metadata
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,19 +35,12 @@ if str(ROOT) not in sys.path:
 
 from hydra import compose, initialize_config_dir
 
+from benchmarks.provenance import git_commit
 from vlm_core.cli import register_metabolize_configs, to_metabolize_config
 from vlm_core.loop.report import collate
 from vlm_core.loop.rounds import run_loop
 
 STRATEGIES = ("adaptive", "uniform", "none")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def compose_config(overrides: list[str]):
@@ -101,7 +93,7 @@ def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name:
 
     lines = [f"# Data-metabolism loop: adaptive vs uniform vs none ({args.name})", "",
              f"- command: `python benchmarks/exp_metabolize.py {' '.join(sys.argv[1:])}`",
-             f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; commit {_commit()}",
+             f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; commit {git_commit()}",
              (f"- device: {platform.processor() or platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
              f"torch {importlib.metadata.version('torch')}; wall time {wall_s / 60:.1f} min"),
              f"- overrides: {args.override or 'none'}; seeds {args.seeds}", "",
