@@ -53,7 +53,6 @@ import contextlib
 import datetime
 import functools
 import importlib.metadata
-import platform
 import statistics
 import sys
 import tempfile
@@ -68,6 +67,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_packed_attention import (  # one reader for all benchmarks
+    device_name,
+    git_commit,
+)
 from curation.sources.world.config import WorldConfig
 from vlm_core.config import DataConfig
 from vlm_core.data.dataset import SFTDataset
@@ -294,20 +297,6 @@ def time_providers(s: Setup, fns: dict, providers: list[str], warmup: int) -> di
                 peak = torch.cuda.max_memory_allocated(s.device) / 2**20
                 peaks[provider] = max(peaks[provider] or 0.0, peak)
     return {p: (times[p], peaks[p]) for p in providers}
-
-
-def git_commit(root: Path) -> str:
-    from benchmarks.bench_packed_attention import (
-        git_commit as read_commit,  # one reader for all benchmarks
-    )
-
-    return read_commit(root)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def versions() -> str:

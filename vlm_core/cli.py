@@ -27,25 +27,25 @@ T = TypeVar("T")
 
 def register_configs() -> None:
     """Register the schema that ``conf/config.yaml`` names first in its defaults list."""
-    schema = OmegaConf.structured(JobConfig)
-    _unresolve_derived(schema)
-    _open_dicts(schema)
-    ConfigStore.instance().store(name="job_schema", node=schema)
+    _store(JobConfig, "job_schema")
 
 
 def register_curate_configs() -> None:
     """Register the schema that ``conf/curate.yaml`` names first in its defaults list."""
-    schema = OmegaConf.structured(CurateConfig)
-    _open_dicts(schema)
-    ConfigStore.instance().store(name="curate_schema", node=schema)
+    _store(CurateConfig, "curate_schema")
 
 
 def register_metabolize_configs() -> None:
     """Register the schema that ``conf/metabolize.yaml`` names first in its defaults list."""
-    schema = OmegaConf.structured(MetabolizeConfig)
+    _store(MetabolizeConfig, "metabolize_schema")
+
+
+def _store(schema_class: type, name: str) -> None:
+    """Put ``schema_class`` into Hydra's ConfigStore as ``name``: derived fields unset, user-keyed dicts open."""
+    schema = OmegaConf.structured(schema_class)
     _unresolve_derived(schema)
     _open_dicts(schema)
-    ConfigStore.instance().store(name="metabolize_schema", node=schema)
+    ConfigStore.instance().store(name=name, node=schema)
 
 
 def _open_dicts(node: DictConfig) -> None:
@@ -79,31 +79,36 @@ def _unresolve_derived(node: DictConfig) -> None:
             _unresolve_derived(child)
 
 
+def _to_object(cfg: DictConfig, schema_class: type[T], source: str, schema: str) -> T:
+    """``OmegaConf.to_object``, checked to be ``schema_class`` (the YAML ``source`` must start from ``schema``)."""
+    value = OmegaConf.to_object(cfg)
+    if not isinstance(value, schema_class):
+        raise TypeError(f"{source} must start from {schema}; got {type(value).__name__}")
+    return value
+
+
+def _hydra_output_dir() -> str | None:
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
 def to_job_config(cfg: DictConfig) -> JobConfig:
     """Convert the composed config into a :class:`JobConfig` and record Hydra's output dir as ``run_dir``."""
-    job = OmegaConf.to_object(cfg)
-    if not isinstance(job, JobConfig):
-        raise TypeError(f"conf/config.yaml must start from job_schema; got {type(job).__name__}")
-    if job.run_dir is None and HydraConfig.initialized():
-        job.run_dir = HydraConfig.get().runtime.output_dir
+    job = _to_object(cfg, JobConfig, "conf/config.yaml", "job_schema")
+    if job.run_dir is None:
+        job.run_dir = _hydra_output_dir()
     return job
 
 
 def to_curate_config(cfg: DictConfig) -> CurateConfig:
     """Convert the composed ``conf/curate.yaml`` into a :class:`CurateConfig`."""
-    curate = OmegaConf.to_object(cfg)
-    if not isinstance(curate, CurateConfig):
-        raise TypeError(f"conf/curate.yaml must start from curate_schema; got {type(curate).__name__}")
-    return curate
+    return _to_object(cfg, CurateConfig, "conf/curate.yaml", "curate_schema")
 
 
 def to_metabolize_config(cfg: DictConfig) -> MetabolizeConfig:
     """Convert the composed ``conf/metabolize.yaml``; ``output_dir`` defaults to Hydra's output dir."""
-    loop = OmegaConf.to_object(cfg)
-    if not isinstance(loop, MetabolizeConfig):
-        raise TypeError(f"conf/metabolize.yaml must start from metabolize_schema; got {type(loop).__name__}")
-    if loop.output_dir is None and HydraConfig.initialized():
-        loop.output_dir = HydraConfig.get().runtime.output_dir
+    loop = _to_object(cfg, MetabolizeConfig, "conf/metabolize.yaml", "metabolize_schema")
+    if loop.output_dir is None:
+        loop.output_dir = _hydra_output_dir()
     return loop
 
 

@@ -194,6 +194,14 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device`` with the current CUDA index filled in: "cuda" and the "cuda:0" of tensors are one device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Decoder(nn.Module):
     """Token embedding, ``cfg.layers`` blocks, final RMSNorm, and the LM head.
 
@@ -225,9 +233,7 @@ class Decoder(nn.Module):
         gradients, so causal-only impls and FlexAttention on the CPU fall back (see resolve_attn_impl);
         with ``cfg.image_attention == "causal"`` the spans are ignored and causal-only impls can serve.
         """
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" and the "cuda:0" of tensors: one device
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _indexed(device)
         if self._attn_device != device:
             needs_bidir = self.cfg.image_attention == "bidirectional"
             impl = resolve_attn_impl(self.cfg.attn_impl, device, needs_bidir=needs_bidir, needs_backward=True)
@@ -243,9 +249,7 @@ class Decoder(nn.Module):
         adds reasons an op of the enclosing model cannot be fused (the VLM passes its projector's); the
         decoder adds its own shape limits. Each fallback is logged (vlm_core.kernels.fused).
         """
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _indexed(device)
         if self._kernel_device != device:
             head = self.embed_tokens if self.lm_head is None else self.lm_head
             problems = {

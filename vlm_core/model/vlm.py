@@ -95,9 +95,10 @@ class VLM(nn.Module):
                 f"x {self.num_image_tokens} tokens per image = {expected}; each <image> must expand to exactly "
                 f"P={self.num_image_tokens} tokens and every image in the batch must appear in input_ids"
             )
+        # Before the text-only return: the first resolution (cached per device) must see the projector's problem.
+        kernels = self.decoder.select_kernels(embeds.device, {"projector": fusable_projector_problem(self.projector)})
         if num_images == 0:
             return embeds
-        kernels = self.decoder.select_kernels(embeds.device, {"projector": fusable_projector_problem(self.projector)})
         if kernels["projector"] == "triton":  # one fused op: projector GEMMs with the scatter in the store
             features = self.vision(images)  # [N_img, P, D_v]
             rows = is_image.nonzero().squeeze(1)  # [N_img * P], increasing: masked_scatter's order

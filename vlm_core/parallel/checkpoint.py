@@ -35,11 +35,10 @@ from vlm_core.parallel.reshard import (
     merge_tensors,
     shard_tensor,
 )
+from vlm_core.train.checkpoint import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 
 MODEL_SHARD = "model-tp{rank:02d}-of-{size:02d}.safetensors"
 OPTIMIZER_SHARD = "optimizer-tp{rank:02d}-of-{size:02d}.safetensors"
-SINGLE_MODEL = "model.safetensors"
-SINGLE_OPTIMIZER = "optimizer.safetensors"
 
 
 class ShardError(ValueError):
@@ -113,7 +112,7 @@ def is_sharded(path: Path) -> bool:
 
 
 def _state(path: Path) -> dict[str, Any]:
-    file = Path(path) / "state.json"
+    file = Path(path) / STATE_FILE
     if not file.is_file():
         raise ShardError(f"checkpoint {path} holds model shards but no state.json (it records how they split)")
     return json.loads(file.read_text(encoding="utf-8"))
@@ -123,7 +122,7 @@ def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's model tensors in the single-device layout, whatever TP size wrote them."""
     path = Path(path)
     if not is_sharded(path):
-        return load_file(str(path / SINGLE_MODEL))
+        return load_file(str(path / MODEL_FILE))
     size, vocab_size, layout = _record(_state(path), path)
     shards = [load_file(str(file)) for file in _shard_files(path, MODEL_SHARD, size)]
     return merge_states(shards, layout, vocab_size)
@@ -133,7 +132,7 @@ def read_optimizer_tensors(path: Path, state: dict[str, Any]) -> dict[str, torch
     """The optimizer's tensors (``"{index}.{slot}"``) in the single-device layout."""
     path = Path(path)
     if not is_sharded(path):
-        return load_file(str(path / SINGLE_OPTIMIZER))
+        return load_file(str(path / OPTIMIZER_FILE))
     size, vocab_size, layout = _record(state, path)
     names = state["tensor_parallel"].get("optimizer_params", [])
     shards = [load_file(str(file)) for file in _shard_files(path, OPTIMIZER_SHARD, size)]

@@ -11,17 +11,17 @@ import torch.distributed as dist
 from vlm_core.parallel.env import ParallelEnv
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, env: ParallelEnv) -> float:
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, env: ParallelEnv | None = None) -> float:
     """Scale gradients so that their global L2 norm is at most ``max_norm``; return the norm before scaling.
 
-    Without tensor parallelism this is ``torch.nn.utils.clip_grad_norm_`` itself (bit-identical to a run
-    before parallelism existed). With it, a split parameter contributes the squares of its shard on each
-    TP rank (summed over the group with one all-reduce), and a replicated one (norms, row-parallel biases)
-    counts once: its gradient is the same on every rank of the group. DP ranks hold summed, identical
-    gradients after the data-parallel reduce, so they agree on the norm without communicating.
+    Without tensor parallelism (``env`` None or TP=1) this is ``torch.nn.utils.clip_grad_norm_`` itself
+    (bit-identical to a run before parallelism existed). With it, a split parameter contributes the squares
+    of its shard on each TP rank (summed over the group with one all-reduce), and a replicated one (norms,
+    row-parallel biases) counts once: its gradient is the same on every rank of the group. DP ranks hold
+    summed, identical gradients after the data-parallel reduce, so they agree on the norm without communicating.
     """
     params = [p for p in params if p.grad is not None]
-    if not env.tensor_parallel:
+    if env is None or not env.tensor_parallel:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
     device = env.collective_device
     split = torch.zeros((), dtype=torch.float64, device=device)

@@ -141,8 +141,7 @@ def parallelize(model: nn.Module, env: ParallelEnv) -> Layout:
         block.attention.kv_heads //= tp_size
     # The decoder resolves its fused kernels once per device and caches the choice; the fused projector and
     # LM-head kernels need plain nn.Linear/nn.Embedding layers, so make it resolve again for the new layers.
-    if hasattr(model.decoder, "_kernel_device"):
-        model.decoder._kernel_device = None
+    model.decoder._kernel_device = None
     log.info("tensor parallel: %d parameters split over %d ranks (this is TP rank %d)", len(layout), tp_size, tp_rank)
     return layout
 

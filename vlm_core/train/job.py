@@ -30,6 +30,7 @@ from vlm_core.data.prepare import PreparedData, prepare_data
 from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
 from vlm_core.eval.evaluate import answer_questions, evaluate, render_table
 from vlm_core.eval.formats import run_benchmark
+from vlm_core.hf.checkpoint import resolve_checkpoint
 from vlm_core.hf.load import hf_job_config, import_model
 from vlm_core.model.vlm import VLM, count_parameters
 from vlm_core.parallel.checkpoint import Sharding
@@ -120,14 +121,10 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
                 "pass train.resume=PATH to a run directory or a checkpoint folder"
             )
         return found
-    path = Path(resume).expanduser()
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / "state.json").is_file():
-            return candidate
-        found = latest_checkpoint(candidate) if candidate.is_dir() else None
-        if found is not None:
-            return found
-    raise CheckpointError(f"train.resume={resume}: {path} is neither a checkpoint folder nor a run directory with checkpoints/")
+    try:
+        return resolve_checkpoint(resume)
+    except CheckpointError as exc:
+        raise CheckpointError(f"train.resume={resume}: {exc}") from exc
 
 
 def requeued_checkpoint(run_dir: Path) -> Path | None:
@@ -238,7 +235,7 @@ def _run_job(cfg: JobConfig, env: ParallelEnv, show_progress: bool, scratch: Pat
         if env.distributed:  # stage 2 runs tensor x data parallel
             broadcast_module(model, env)  # rank 0's weights are the reference for every replica and shard
             layout = parallelize(model, env)  # TP > 1: megatron-core's layers, cut from those weights
-            context.sharding = Sharding(env, layout if env.tensor_parallel else None, vocab_size=model.vocab_size)
+            context.sharding = Sharding(env, layout, vocab_size=model.vocab_size)  # TP=1: layout {}, not sharded
             context.parallel = env
             if env.tensor_parallel:
                 context.on_sample = None  # answers need the whole model; the sample logger runs after training

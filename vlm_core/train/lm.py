@@ -66,45 +66,31 @@ def lm_loss(model: nn.Module, batch: PackedBatch, per_sample: bool = False) -> S
 
     Only the rows that carry a label go through the LM head: on the world's data that is ~15% of the
     packed tokens, and the [total, V] logits of the rest would be computed only to be ignored. With the
-    fused kernels (``model.kernel_impl``) not even those logits exist at once (see ``_fused_lm_loss``).
+    fused kernels (``model.kernel_impl``) not even those logits exist at once.
     """
     hidden = model.hidden_states(batch)  # [total, D]
     supervised = batch.labels != IGNORE_INDEX  # [total]
+    hidden, labels = hidden[supervised], batch.labels[supervised]  # [n_labels, D], [n_labels]
+    stats = {"tokens": batch.num_real_tokens, "slots": batch.total, "samples": batch.num_samples}
+    sample_tokens = None  # per_sample: [n_labels], the supervised-token count of each token's sample
+    if per_sample:
+        seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # [n_segments]
+        segment = torch.repeat_interleave(torch.arange(len(seqlens), device=seqlens.device), seqlens)  # [total]
+        owner = segment[supervised]  # [n_labels]: the segment (sample) of each supervised token
+        per_segment = torch.bincount(owner, minlength=len(seqlens)).to(torch.float32)  # [n_segments]
+        sample_tokens, units = per_segment[owner], int((per_segment > 0).sum())
+    else:
+        units = int(supervised.sum())
     if getattr(model.decoder, "kernel_impls", {}).get("linear_cross_entropy") == "triton":
-        return _fused_lm_loss(model, batch, hidden, supervised, per_sample)
-    # [n_labels]; under tensor parallelism from this rank's vocabulary slice of the logits (never gathered)
-    token_loss = token_cross_entropy(model.decoder, hidden[supervised], batch.labels[supervised])
-    stats = {"tokens": batch.num_real_tokens, "slots": batch.total, "samples": batch.num_samples}
-    if not per_sample:
-        return StepOutput(token_loss.sum(), int(supervised.sum()), stats)
-    seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # [n_segments]
-    segment = torch.repeat_interleave(torch.arange(len(seqlens), device=seqlens.device), seqlens)  # [total]
-    owner = segment[supervised]  # [n_labels]: the segment (sample) of each supervised token
-    per_segment = torch.bincount(owner, minlength=len(seqlens)).to(token_loss.dtype)  # [n_segments]
-    loss_sum = (token_loss / per_segment[owner]).sum()
-    return StepOutput(loss_sum, int((per_segment > 0).sum()), stats)
-
-
-def _fused_lm_loss(
-    model: nn.Module, batch: PackedBatch, hidden: torch.Tensor, supervised: torch.Tensor, per_sample: bool
-) -> StepOutput:
-    """lm_loss with the LM head and cross-entropy fused and chunked (vlm_core/kernels/linear_cross_entropy.py).
-
-    Used when the model resolved ``model.kernel_impl`` to triton for this op (``Decoder.select_kernels``,
-    which falls back, logged, for a head that is not a plain single-device layer): not even the
-    [n_labels, V] logits exist at once, and the gradients are computed in the forward's pass.
-    """
-    stats = {"tokens": batch.num_real_tokens, "slots": batch.total, "samples": batch.num_samples}
-    head_weight, labels = model.decoder.head_weight, batch.labels[supervised]
-    if not per_sample:
-        return StepOutput(linear_cross_entropy_triton(hidden[supervised], head_weight, labels), int(supervised.sum()), stats)
-    seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # [n_segments]
-    segment = torch.repeat_interleave(torch.arange(len(seqlens), device=seqlens.device), seqlens)  # [total]
-    owner = segment[supervised]  # [n_labels]
-    per_segment = torch.bincount(owner, minlength=len(seqlens)).to(torch.float32)  # [n_segments]
-    token_weight = per_segment[owner].reciprocal()  # [n_labels]: each sample weighs 1 in total
-    loss_sum = linear_cross_entropy_triton(hidden[supervised], head_weight, labels, token_weight)
-    return StepOutput(loss_sum, int((per_segment > 0).sum()), stats)
+        # Fused and chunked (vlm_core/kernels/linear_cross_entropy.py): Decoder.select_kernels chose it, so the
+        # head is a plain single-device layer; the gradients are computed in the forward's pass.
+        token_weight = None if sample_tokens is None else sample_tokens.reciprocal()  # each sample weighs 1
+        loss_sum = linear_cross_entropy_triton(hidden, model.decoder.head_weight, labels, token_weight)
+    else:
+        # [n_labels]; under tensor parallelism from this rank's vocabulary slice of the logits (never gathered)
+        token_loss = token_cross_entropy(model.decoder, hidden, labels)
+        loss_sum = token_loss.sum() if sample_tokens is None else (token_loss / sample_tokens).sum()
+    return StepOutput(loss_sum, units, stats)
 
 
 def summarize_lm(window: dict[str, float]) -> dict[str, float]:

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vlm_core.parallel.collectives import all_reduce_sums
+from vlm_core.parallel.grad_norm import clip_grad_norm_
 from vlm_core.train.checkpoint import save_checkpoint
 from vlm_core.train.metrics import MetricsLogger
 from vlm_core.train.optim import lr_at, set_lr
@@ -159,8 +161,6 @@ def run_stage(
             for key, value in out.stats.items():
                 stats[key] = stats.get(key, 0.0) + float(value)
         if data_parallel:  # the step's loss, units and counters over the union batch of the DP ranks
-            from vlm_core.parallel.collectives import all_reduce_sums
-
             stats = all_reduce_sums({**stats, "units": total_units}, env, env.dp_group())
             total_units = round(stats.pop("units"))
         if total_units == 0:
@@ -169,12 +169,7 @@ def run_stage(
             if param.grad is not None:
                 param.grad.div_(total_units)
         max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
-        if env is not None:
-            from vlm_core.parallel.grad_norm import clip_grad_norm_
-
-            grad_norm = clip_grad_norm_(params, max_norm, env)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+        grad_norm = clip_grad_norm_(params, max_norm, env)  # over the TP shards when the model is split
         optimizer.step()
 
         stats["units"] = total_units

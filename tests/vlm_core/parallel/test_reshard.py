@@ -13,6 +13,7 @@ from vlm_core.parallel.reshard import (
     merge_states,
     merge_tensors,
     padded_vocab_size,
+    shard_state,
     shard_tensor,
 )
 
@@ -55,9 +56,9 @@ def test_tp2_shards_regroup_into_tp4_and_back() -> None:
     assert layout["vision.blocks.1.attention.qkv.bias"] == ShardSpec(0, stride=3)
     assert layout["decoder.embed_tokens.weight"] == ShardSpec(0, vocab=True)
     assert "decoder.norm.weight" not in layout and "vision.blocks.0.mlp.fc2.bias" not in layout  # replicated
-    tp2 = [{n: shard_tensor(t, layout[n], r, 2, n) if n in layout else t for n, t in full.items()} for r in range(2)]
+    tp2 = [shard_state(full, layout, rank, 2) for rank in range(2)]
     merged = merge_states(tp2, layout, vocab_size=101)
-    tp4 = [{n: shard_tensor(t, layout[n], r, 4, n) if n in layout else t for n, t in merged.items()} for r in range(4)]
+    tp4 = [shard_state(merged, layout, rank, 4) for rank in range(4)]
     again = merge_states(tp4, layout, vocab_size=101)
     assert all(torch.equal(again[name], full[name]) for name in full)
 
