@@ -66,6 +66,8 @@ def test_derived_defaults_follow_overrides() -> None:
         ("train.trainable=[vision,lm]", "train.trainable"),
         ("data.world.seed=7", "data.world.eval_seed"),
         ("model.attn_impl=magic", "model.attn_impl"),
+        ("train.focus_skills=[colour]", "train.focus_skills"),
+        ("train.focus_fraction=1.5", "train.focus_fraction"),
     ],
 )
 def test_bad_value_names_the_field(override: str, field: str) -> None:

@@ -146,6 +146,10 @@ class TrainConfig:
     loss_per_sample: bool = True  # weigh samples equally (else tokens; see vlm_core.train.lm.lm_loss)
     curriculum_fraction: float = 0.5  # share of max_steps over which the cap on objects per scene rises; 0 = none
     curriculum_start: int = 1  # the cap at the first step (samples without meta.n_objects are always eligible)
+    # For the first focus_fraction of max_steps only samples of these skills are drawn; the rest join after.
+    # See vlm_core.data.curriculum for why and what was measured. Either empty/0 = no focus phase.
+    focus_skills: list[str] = field(default_factory=list)
+    focus_fraction: float = 0.0
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     threads: Optional[int] = None  # torch CPU threads; None = all cores
@@ -166,6 +170,9 @@ class TrainConfig:
             )
         if not 0.0 <= self.curriculum_fraction <= 1.0:
             raise ValueError(f"train.curriculum_fraction={self.curriculum_fraction} must be in [0, 1]")
+        if not 0.0 <= self.focus_fraction <= 1.0:
+            raise ValueError(f"train.focus_fraction={self.focus_fraction} must be in [0, 1]")
+        _check_skills("train.focus_skills", self.focus_skills)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.grad_clip < 0:

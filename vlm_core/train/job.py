@@ -240,7 +240,8 @@ def _run_job(cfg: JobConfig, env: ParallelEnv, show_progress: bool, scratch: Pat
             if env.tensor_parallel:
                 context.on_sample = None  # answers need the whole model; the sample logger runs after training
         _run_lm_stage(spec, train.trainable, train.batch_size, data.train, cfg, model, encoder, processor, job, context,
-                      device, curriculum_steps=round(train.curriculum_fraction * train.max_steps))
+                      device, curriculum_steps=round(train.curriculum_fraction * train.max_steps),
+                      focus_steps=round(train.focus_fraction * train.max_steps) if train.focus_skills else 0)
         if env.tensor_parallel:  # rank 0 evaluates the merged single-device model
             state = gather_model_state(model, context.sharding.layout, env)
             if env.is_main:
@@ -359,7 +360,7 @@ def _run_tower(
 def _run_lm_stage(
     spec: StageSpec, trainable: list[str], batch_size: int, samples: list[Sample], cfg: JobConfig, model: VLM,
     encoder: ChatEncoder, processor: ImageProcessor, job: JobState, context: LoopContext, device: torch.device,
-    curriculum_steps: int = 0,
+    curriculum_steps: int = 0, focus_steps: int = 0,
 ) -> None:
     if spec.name in job.completed:
         return
@@ -370,6 +371,7 @@ def _run_lm_stage(
     source = PackedSteps(
         dataset, batch_size, cfg.train.grad_accum, cfg.data.row_len, _stage_seed(cfg, spec.name), device,
         curriculum_steps=curriculum_steps, curriculum_start=cfg.train.curriculum_start,
+        focus_skills=tuple(cfg.train.focus_skills), focus_steps=focus_steps,
         data_parallel=(env.dp_rank, env.dp_size) if env is not None else (0, 1),
     )
     loss_fn = functools.partial(lm_loss, per_sample=cfg.train.loss_per_sample)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlm_core.data.curriculum import CurriculumStream, sample_difficulty
+from vlm_core.data.curriculum import CurriculumStream, sample_difficulty, sample_in_skills
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.packing import PackedLoader, SampleStream
 from vlm_core.kernels.linear_cross_entropy import linear_cross_entropy_triton
@@ -16,27 +17,36 @@ from vlm_core.parallel.loss import token_cross_entropy
 from vlm_core.train.loop import StepOutput
 from vlm_core.types import IGNORE_INDEX, PackedBatch
 
+log = logging.getLogger(__name__)
+
 
 class PackedSteps:
     """``grad_accum`` packed micro-batches per optimizer step, from a resumable sample stream.
 
     With ``curriculum_steps`` > 0 the first steps draw only from samples whose ``meta.n_objects`` is under
-    a rising cap (:class:`CurriculumStream`); afterwards, and without a curriculum, every epoch is a
-    fresh permutation of the dataset. ``data_parallel=(rank, size)`` keeps this data-parallel rank's share
+    a rising cap, and with ``focus_steps`` > 0 the first steps draw only from samples of ``focus_skills``
+    (:class:`CurriculumStream`); afterwards, and without either, every epoch is a fresh permutation of
+    the dataset. ``data_parallel=(rank, size)`` keeps this data-parallel rank's share
     of every micro-batch (the ranks' shares together are the single-process batch).
     """
 
     def __init__(
         self, dataset: SFTDataset, batch_size: int, grad_accum: int, row_len: int, seed: int,
         device: torch.device, curriculum_steps: int = 0, curriculum_start: int = 1,
-        data_parallel: tuple[int, int] = (0, 1),
+        focus_skills: tuple[str, ...] = (), focus_steps: int = 0, data_parallel: tuple[int, int] = (0, 1),
     ) -> None:
         self.grad_accum = grad_accum
         self.device = device
         micro_batch = batch_size // grad_accum
-        if curriculum_steps:
+        if curriculum_steps or focus_steps:
             difficulty = sample_difficulty(dataset.samples)
-            stream = CurriculumStream(difficulty, micro_batch, seed, curriculum_start, curriculum_steps * grad_accum)
+            focus = sample_in_skills(dataset.samples, focus_skills) if focus_steps else None
+            if focus is not None and not focus.any():  # e.g. data.world.skills=[count], or untagged LLaVA data
+                log.warning("train.focus_skills=%s: no training sample has one of these skills; no focus phase",
+                            list(focus_skills))
+                focus, focus_steps = None, 0
+            stream = CurriculumStream(difficulty, micro_batch, seed, curriculum_start, curriculum_steps * grad_accum,
+                                      focus=focus, focus_steps=focus_steps * grad_accum)
         else:
             stream = SampleStream(len(dataset), micro_batch, seed)
         if data_parallel[1] > 1:
