@@ -148,8 +148,8 @@ class TrainConfig:
     curriculum_start: int = 1  # the cap at the first step (samples without meta.n_objects are always eligible)
     # For the first focus_fraction of max_steps only samples of these skills are drawn; the rest join after.
     # See vlm_core.data.curriculum for why and what was measured. Either empty/0 = no focus phase.
-    focus_skills: list[str] = field(default_factory=list)
-    focus_fraction: float = 0.0
+    focus_skills: list[str] = field(default_factory=lambda: ["color", "shape", "grounding", "existence", "ocr"])
+    focus_fraction: float = 0.4
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     threads: Optional[int] = None  # torch CPU threads; None = all cores

@@ -44,7 +44,7 @@ from curation.sources.world.render import word_mask
 
 def tiny_config(**overrides) -> WorldConfig:
     """A world small enough to generate in milliseconds."""
-    return WorldConfig(**{"train_per_skill": 6, "eval_per_skill": 4, "turns_per_record": 3, **overrides})
+    return WorldConfig(**{"train_per_skill": 6, "eval_per_skill": 4, "turns_per_record": 3, "train_scale": {}, **overrides})
 
 
 def shape(color: str, kind: str, row: int, col: int, size: str = "large") -> WorldObject:
@@ -537,6 +537,18 @@ def test_train_counts_override_the_per_skill_count() -> None:
         tiny_config(train_counts={"ocr": -1})
     with pytest.raises(ValueError, match="image_position"):
         tiny_config(image_position="middle")
+
+
+def test_train_scale_keeps_proportions_and_counts_win() -> None:
+    cfg = tiny_config(skills=["count", "ocr", "color"], train_per_skill=10, train_scale={"count": 0.5, "ocr": 0.25},
+                      train_counts={"ocr": 7}, eval_per_skill=2)
+    skills = [r.skill for r in WorldGenerator(cfg).split("train")]
+    assert (skills.count("count"), skills.count("ocr"), skills.count("color")) == (5, 7, 10)
+    assert WorldConfig().train_count("ocr") == WorldConfig().train_per_skill // 2
+    with pytest.raises(ValueError, match="train_scale: unknown skill"):
+        tiny_config(train_scale={"colour": 0.5})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        tiny_config(train_scale={"ocr": -0.5})
 
 
 def test_config_rejects_too_few_pairs() -> None:

@@ -25,7 +25,7 @@ from curation.sources.world.writer import COMPLETE_MARKER
 
 
 def tiny_config(**overrides) -> WorldConfig:
-    return WorldConfig(**{"train_per_skill": 5, "eval_per_skill": 3, "turns_per_record": 3, **overrides})
+    return WorldConfig(**{"train_per_skill": 5, "eval_per_skill": 3, "turns_per_record": 3, "train_scale": {}, **overrides})
 
 
 def folder_bytes(directory: Path) -> dict[str, bytes]:
@@ -46,7 +46,7 @@ def test_world_layout_and_llava_structure(tmp_path: Path) -> None:
             assert row["image"] == f"{split}/{row['id']}.png" and row["id"].startswith(f"{split}-{row['skill']}-")
             turns = row["conversations"]
             assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns
-            assert turns[0]["value"].startswith("<image>\n")  # image_position="first", the default
+            assert turns[0]["value"].endswith("\n<image>")  # image_position="last", the default
             assert sum(t["value"].count("<image>") for t in turns) == 1
             assert len(row["meta"]["questions"]) == len(turns) // 2
             scene = scenes[row["image"]]

@@ -210,6 +210,7 @@ class Loop:
             return job
         job.train.max_steps, job.train.lr, job.train.warmup_steps = rt.max_steps, rt.lr, rt.warmup_steps
         job.train.min_lr_ratio, job.train.curriculum_fraction = rt.min_lr_ratio, 0.0
+        job.train.focus_fraction = 0.0  # the continued model has learned the focus skills in round 0
         if job.train.resume is None:
             job.train.resume = str(warm_start(self.out / f"round-{k - 1}" / "train", run_dir))
         return job

@@ -34,22 +34,30 @@ class WorldConfig:
     sizes: list[str] = field(default_factory=lambda: list(SIZES))
     words: list[str] = field(default_factory=lambda: list(WORDS))
     skills: list[str] = field(default_factory=lambda: list(SKILLS))  # skills to write; others are skipped
-    train_per_skill: int = 3000  # training records per skill
-    train_counts: dict[str, int] = field(default_factory=dict)  # per-skill overrides of train_per_skill, e.g. {spatial: 6000}
+    # The default recipe trains the tiny model on a 2-core CPU in under 10 minutes; see README "The default
+    # recipe" for what each choice bought, measured. Records are single-turn and put the image after the
+    # question, and count and OCR (learned from any mix) get half the records.
+    train_per_skill: int = 6000  # training records per skill, before train_scale
+    # Per-skill multipliers of train_per_skill (rounded), so a smaller train_per_skill keeps the proportions.
+    train_scale: dict[str, float] = field(default_factory=lambda: {"count": 0.5, "ocr": 0.5})
+    train_counts: dict[str, int] = field(default_factory=dict)  # absolute per-skill counts; win over the two above
     eval_per_skill: int = 150  # held-out records per skill
-    turns_per_record: int = 3  # question/answer turns per training record (same image, same skill)
-    # Where <image> sits in the first human turn: "first" (before the question, the default) or "last".
+    turns_per_record: int = 1  # question/answer turns per training record (same image, same skill)
+    # Where <image> sits in the first human turn: "last" (after the question, the default) or "first".
     # With "last" each image token can see what is asked and mark itself as a match, so the answer only has
-    # to find marked tokens. Measured on this CPU, one run each, 1 turn per record (later turns would have
-    # the image first again), held-out accuracy:
-    # - 5 skills (existence, grounding, color, shape, spatial), 6000 records each, 2000 steps: "last"
-    #   color/shape/existence/grounding/spatial 0.99/0.99/0.99/0.98/0.43; "first" 0.41/0.46/0.49/0.41/0.45.
-    # - all 8 skills, 9000 records each (caption, count, ocr 3000), 2800 steps: "last" color 0.99, shape 0.43,
-    #   existence 0.59, grounding 0.83, spatial 0.48, count 0.91, ocr 0.64, caption 0.21 - not better overall
-    #   than this default, so "first" stays the default until the full mix learns the search skills reliably.
-    image_position: str = "first"
+    # to find marked tokens; with "first" the answer position must pull the question and match it against
+    # every image token itself. Measured on this CPU, one run each, 1 turn per record (later turns would have
+    # the image first again): 5 skills (existence, grounding, color, shape, spatial), 6000 records each, 2000
+    # steps, "last" color/shape/existence/grounding 0.99/0.99/0.99/0.98, "first" 0.41/0.46/0.49/0.41.
+    image_position: str = "last"
     seed: int = 0  # training split seed
     eval_seed: int = 1_000_003  # held-out split seed; must differ from ``seed``
+
+    def train_count(self, skill: str) -> int:
+        """Training records of ``skill``: ``train_counts[skill]``, else ``train_per_skill`` x ``train_scale[skill]``."""
+        if skill in self.train_counts:
+            return self.train_counts[skill]
+        return round(self.train_per_skill * self.train_scale.get(skill, 1.0))
 
     def __post_init__(self) -> None:
         if self.image_position not in IMAGE_POSITIONS:
@@ -63,6 +71,12 @@ class WorldConfig:
             raise ValueError(f"data.world.train_counts: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
         if any(n < 0 for n in self.train_counts.values()):
             raise ValueError(f"data.world.train_counts={self.train_counts}: counts must be >= 0")
+        self.train_scale = {str(k): float(v) for k, v in dict(self.train_scale).items()}
+        unknown = sorted(set(self.train_scale) - set(SKILLS))
+        if unknown:
+            raise ValueError(f"data.world.train_scale: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
+        if any(not 0 <= f < float("inf") for f in self.train_scale.values()):
+            raise ValueError(f"data.world.train_scale={self.train_scale}: multipliers must be finite and >= 0")
         if not self.skills:
             raise ValueError("data.world.skills is empty; name at least one of " + ", ".join(SKILLS))
         for name in ("shapes", "colors", "sizes", "words"):

@@ -143,7 +143,7 @@ class WorldGenerator:
     def split(self, split: str) -> list[WorldRecord]:
         """The default dataset: every skill of ``cfg.skills``, records in skill order.
 
-        ``train``: ``cfg.train_per_skill`` (or ``cfg.train_counts[skill]``) records of ``cfg.turns_per_record`` turns from ``cfg.seed``.
+        ``train``: ``cfg.train_count(skill)`` records of ``cfg.turns_per_record`` turns from ``cfg.seed``.
         ``eval``: ``cfg.eval_per_skill`` single-turn records from ``cfg.eval_seed``, redrawing any scene
         that also occurs in train, so the held-out images are disjoint from the training images.
         """
@@ -156,7 +156,7 @@ class WorldGenerator:
                     record
                     for skill in cfg.skills
                     for record in self.request(
-                        skill, cfg.train_counts.get(skill, cfg.train_per_skill), seed=cfg.seed, split="train",
+                        skill, cfg.train_count(skill), seed=cfg.seed, split="train",
                         turns=cfg.turns_per_record,
                     )
                 ]

@@ -31,7 +31,7 @@ def test_teacher_produces_the_plan(tmp_path: Path) -> None:
         # The oracle accepts every answer the teacher wrote.
         question_meta = sample.meta["questions"][0]
         assert check_answer(sample.skill, scene, question_meta, sample.turns[-1].text) == 1.0
-        assert sample.turns[0].text.startswith("<image>")  # the world's default image_position=first
+        assert sample.turns[0].text.endswith("<image>")  # the world's default image_position=last
         if sample.skill == "spatial":  # weak (score 0): scenes from the upper half of 1..6 objects
             assert len(scene.shapes) >= 4
     assert min(len(out.scenes[str(s.image_paths[0])].shapes) for s in out.samples if s.skill == "count") >= 1
