@@ -68,6 +68,7 @@ def test_derived_defaults_follow_overrides() -> None:
         ("model.attn_impl=magic", "model.attn_impl"),
         ("train.focus_skills=[colour]", "train.focus_skills"),
         ("train.focus_fraction=1.5", "train.focus_fraction"),
+        ("train.tower.threads=0", "train.tower.threads"),
     ],
 )
 def test_bad_value_names_the_field(override: str, field: str) -> None:

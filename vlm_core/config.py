@@ -92,9 +92,15 @@ class TowerStageConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     cache: bool = True  # reuse a tower pretrained with the same model, world and stage config from data.cache_dir
+    # CPU threads while the tower trains; None = train.threads. A CPU matmul's float rounding depends on how
+    # many threads split it, so the tower trained on 1 thread is the same on any core count; with 2 threads
+    # this machine trained a different tower, and stage 2 on it missed existence and grounding (see README).
+    threads: Optional[int] = 1
 
     def __post_init__(self) -> None:
         _check_stage("train.tower", self.steps, self.batch_size, self.lr, self.warmup_steps)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"train.tower.threads={self.threads} must be >= 1 (or null for train.threads)")
 
 
 @dataclass

@@ -7,6 +7,7 @@ a killed run stopped: the remaining steps see the same batches and produce the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -16,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -323,6 +324,20 @@ class _CellData:
         return self._decoded[split].with_stream(batch_size, _stage_seed(self.cfg, stage))
 
 
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on ``threads`` torch CPU threads (None: leave the setting alone), then restore it."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        log.info("using %d CPU thread(s) instead of %d for this stage", threads, before)
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _run_tower(
     cfg: JobConfig, model: VLM, data: PreparedData, cells: _CellData, job: JobState, context: LoopContext,
     offset: int, device: torch.device,
@@ -344,7 +359,8 @@ def _run_tower(
                                     (cfg.train.beta1, cfg.train.beta2))
         spec = StageSpec("tower", stage.steps, offset, stage.lr, stage.warmup_steps, 0.1, cfg.train.grad_clip)
         tower_context = LoopContext(**{**context.__dict__, "ckpt_every": 0, "on_sample": None})
-        info = run_stage(spec, pretrainer, optimizer, source, tower_loss, summarize_tower, tower_context)
+        with cpu_threads(stage.threads if device.type == "cpu" else None):
+            info = run_stage(spec, pretrainer, optimizer, source, tower_loss, summarize_tower, tower_context)
         if data.eval:
             info.update(tower_accuracy(pretrainer, cells.source("eval", stage.batch_size, "tower")))
             context.logger.log_scalars(offset + stage.steps, "tower", info)
