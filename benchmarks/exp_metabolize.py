@@ -96,7 +96,8 @@ def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name:
              f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; commit {git_commit()}",
              (f"- device: {platform.processor() or platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
              f"torch {importlib.metadata.version('torch')}; wall time {wall_s / 60:.1f} min"),
-             f"- overrides: {args.override or 'none'}; seeds {args.seeds}", "",
+             f"- overrides: {args.override or 'none'}; seeds {args.seeds}",
+             *([f"- note: {args.note}"] if args.note else []), "",
              ("Each row is one run; the weakest skill is round 0's lowest score above chance (the same round 0 for "
              "every strategy of a seed)."), "",
              "| strategy | seed | weakest skill | round 0 | final | mean round 0 | mean final | caption halluc. round 0 → final |",
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="the smoke preset: every step at toy sizes")
     parser.add_argument("--override", nargs="*", default=[], help="metabolize.py overrides, e.g. sampler.budget=6000")
+    parser.add_argument("--note", default="", help="a line added to the results (e.g. how the runs were scheduled)")
     args = parser.parse_args()
     args.name = args.name or ("smoke" if args.smoke else "default")
     overrides = (["metabolize/preset=smoke"] if args.smoke else []) + list(args.override)
