@@ -47,19 +47,8 @@ class TeacherConfig:
     """The built-in world as the teacher (ALLaVA's GPT-4V): targeted records of the requested skills."""
 
     turns: int = 1  # question/answer turns per record
-    # The difficulty ladder (see WorldTeacher.difficulty). A skill scoring under ``easier_below`` (vs chance) has
-    # not found its concept yet and gets scenes in the lower half of the object range; one under ``weak_below``
-    # has found it but errs on crowded scenes and gets the upper half; the rest get the whole range.
-    easier_below: float = 0.0  # 0 = off
-    harder_for_weak: bool = True
-    weak_below: float = 0.6
-
-    def __post_init__(self) -> None:
-        if self.turns < 1:
-            raise ValueError(f"teacher.turns={self.turns} must be >= 1")
-        if not 0.0 <= self.easier_below <= self.weak_below <= 1.0:
-            raise ValueError(f"teacher: need 0 <= easier_below ({self.easier_below}) <= weak_below "
-                             f"({self.weak_below}) <= 1")
+    harder_for_weak: bool = True  # skills below ``weak_below`` ask for scenes in the upper half of the object range
+    weak_below: float = 0.6  # score (vs chance) under which a skill counts as weak
 
 
 @dataclass

@@ -87,14 +87,9 @@ class WorldTeacher:
         self.generator = WorldGenerator(world)
 
     def difficulty(self, score: float | None) -> Difficulty:
-        """The object range of a skill's new scenes, from its score (accuracy rescaled so chance = 0)."""
         low, high = self.world.min_objects, self.world.max_objects
-        if score is None:
-            return Difficulty(low, high)
-        if score < self.cfg.easier_below:
-            high = (low + high) // 2  # the lower half: few distractors while the concept is still to be found
-        elif self.cfg.harder_for_weak and score < self.cfg.weak_below:
-            low = (low + high + 1) // 2  # the upper half: crowded scenes, where a half-learned skill errs
+        if self.cfg.harder_for_weak and score is not None and score < self.cfg.weak_below:
+            low = max(low, (low + high + 1) // 2)  # the upper half of the range: where the errors are
         return Difficulty(low, high)
 
     def records(self, plan: dict[str, int], seed: int, split: str, scores: dict[str, float]) -> list[WorldRecord]:

@@ -37,24 +37,6 @@ def test_teacher_produces_the_plan(tmp_path: Path) -> None:
     assert min(len(out.scenes[str(s.image_paths[0])].shapes) for s in out.samples if s.skill == "count") >= 1
 
 
-@pytest.mark.parametrize(
-    ("score", "expected"),
-    [(None, (1, 6)), (0.0, (1, 3)), (0.09, (1, 3)), (0.1, (4, 6)), (0.59, (4, 6)), (0.6, (1, 6)), (1.0, (1, 6))],
-)
-def test_teacher_difficulty_ladder(tmp_path: Path, score: float | None, expected: tuple[int, int]) -> None:
-    teacher = WorldTeacher(WORLD, TeacherConfig(easier_below=0.1, weak_below=0.6), tmp_path, frozenset())
-    difficulty = teacher.difficulty(score)
-    assert (difficulty.min_objects, difficulty.max_objects) == expected
-    if score is not None and score < 0.1:  # a spatial question still gets its two shapes
-        out = teacher.generate({"spatial": 6}, seed=4, split="r1", source="s", scores={"spatial": score})
-        assert {len(scene.shapes) for scene in out.scenes.values()} <= {2, 3}
-
-
-def test_teacher_config_rejects_a_crossed_ladder() -> None:
-    with pytest.raises(ValueError, match="easier_below"):
-        TeacherConfig(easier_below=0.7, weak_below=0.6)
-
-
 def test_teacher_is_deterministic_and_new_per_round(tmp_path: Path) -> None:
     teacher = WorldTeacher(WORLD, TeacherConfig(), tmp_path, frozenset())
     a = teacher.generate({"color": 4}, seed=1, split="r1", source="s")
