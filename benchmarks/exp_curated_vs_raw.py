@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="clean training records per skill (default: train.py's world)")
     parser.add_argument("--eval-per-skill", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (towers, runs)")
+    parser.add_argument("--curation-seed", type=int, default=0,
+                        help="whose stage-0 tower embeds the records for curation; fixed, so that runs of other "
+                             "--seeds in the same --work share one curated manifest")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "exp_curated_vs_raw")
     parser.add_argument("--cache-dir", default="~/.cache/vlm-data-metabolism")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "exp_curated_vs_raw.md")
@@ -105,11 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
 
     # 2. The towers, pretrained on the clean world (train.py's stage 0, cached by the same key), one per seed.
-    for seed in args.seeds:
+    for seed in dict.fromkeys([args.curation_seed, *args.seeds]):
         pretrain = replace(train, seed=seed, max_steps=1, warmup_steps=0, align=replace(align, enabled=False))
         run_job(_job(world, DataConfig(source="world", cache_dir=cache), pretrain, EvalConfig(enabled=False),
                      args.work / f"tower-seed{seed}"), show_progress=False)
-    tower_dir = Path(cache) / "towers" / tower_cache_key(ModelConfig().vision, world_hash(world), tower, args.seeds[0])
+    tower_dir = Path(cache) / "towers" / tower_cache_key(ModelConfig().vision, world_hash(world), tower, args.curation_seed)
 
     # 3. Raw (validation only) and curated manifests of the same dirty world.
     results: dict[str, dict] = {}
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"- world: {world.train_per_skill} clean training records per skill (train_scale {world.train_scale}) + planted "
         f"defects (DirtyConfig defaults); held out: {world.eval_per_skill} per skill; {train.max_steps} instruction "
         f"steps per arm and seed, same recipe; training seeds {seeds}, each with its own stage-0 tower pretrained on "
-        "the clean world and shared by both arms",
+        f"the clean world and shared by both arms; curation embeds with seed {args.curation_seed}'s tower",
         f"- wall time of this invocation: {time.perf_counter() - started:.0f} s (arms finished by an earlier "
         "invocation with the same --work are reused, not rerun)",
     ]
