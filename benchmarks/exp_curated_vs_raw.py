@@ -28,6 +28,7 @@ import datetime
 import importlib.metadata
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -70,6 +71,36 @@ def _job(world: WorldConfig, data: DataConfig, train: TrainConfig, evaluation: E
     job = JobConfig(data=data, model=ModelConfig(), train=train, eval=evaluation, run_dir=str(run_dir))
     job.data.world = world
     return job
+
+
+def _plot(score, seeds: list[int], skills: list[str], path: Path) -> None:
+    """Left: overall held-out accuracy per seed, raw beside curated. Right: each skill's seeds as dots, mean as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arms = (("raw", "tab:gray"), ("curated", "tab:green"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [max(len(seeds), 3), len(skills) + 1]})
+    x = np.arange(len(seeds))
+    for offset, (arm, colour) in zip((-0.2, 0.2), arms):
+        left.bar(x + offset, [score(arm, seed, None) for seed in seeds], width=0.4, color=colour, label=arm)
+    left.set(xticks=x, xticklabels=[str(seed) for seed in seeds], xlabel="training seed", ylim=(0, 1),
+             ylabel="held-out accuracy, overall", title="per seed")
+    left.legend()
+    names = [*skills, None]
+    x = np.arange(len(names))
+    for offset, (arm, colour) in zip((-0.2, 0.2), arms):
+        values = np.array([[score(arm, seed, skill) for seed in seeds] for skill in names])
+        right.bar(x + offset, values.mean(axis=1), width=0.4, color=colour, alpha=0.5)
+        for k in range(len(names)):
+            right.scatter(np.full(len(seeds), x[k] + offset), values[k], s=10, color=colour, zorder=3)
+    right.set(xticks=x, xticklabels=[skill or "overall" for skill in names], ylim=(0, 1.02),
+              title=f"per skill: mean (bar) and each of {len(seeds)} seeds (dots)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,12 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"- commit: {git_commit()}",
         f"- versions: Python {platform.python_version()}, {_versions()}",
         f"- command: `{command.strip()}`",
-        f"- world: {world.train_per_skill} clean training records per skill (train_scale {world.train_scale}) + planted "
+        (f"- world: {world.train_per_skill} clean training records per skill (train_scale {world.train_scale}) + planted "
         f"defects (DirtyConfig defaults); held out: {world.eval_per_skill} per skill; {train.max_steps} instruction "
         f"steps per arm and seed, same recipe; training seeds {seeds}, each with its own stage-0 tower pretrained on "
-        f"the clean world and shared by both arms; curation embeds with seed {args.curation_seed}'s tower",
-        f"- wall time of this invocation: {time.perf_counter() - started:.0f} s (arms finished by an earlier "
-        "invocation with the same --work are reused, not rerun)",
+        f"the clean world and shared by both arms; curation embeds with seed {args.curation_seed}'s tower"),
+        (f"- wall time of this invocation: {time.perf_counter() - started:.0f} s (arms finished by an earlier "
+        "invocation with the same --work are reused, not rerun)"),
     ]
     if args.note:
         lines.append(f"- note: {args.note}")
@@ -185,15 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
         row = f"| {skill or 'overall'} | {per_seed} | {a:.3f} | {b:.3f} | {b - a:+.3f} |"
         lines.append(row if skill else row.replace("| overall |", "| **overall** |"))
     wins = sum(score("curated", seed, None) > score("raw", seed, None) for seed in seeds)
-    lines += ["", f"Curated beats raw on the overall held-out accuracy in {wins} of {len(seeds)} seed(s)."]
+    medians = {arm: statistics.median(score(arm, seed, None) for seed in seeds) for arm in ("raw", "curated")}
+    lines += ["", (f"Curated beats raw on the overall held-out accuracy in {wins} of {len(seeds)} seed(s). Median "
+                  f"overall over the seeds: raw {medians['raw']:.3f}, curated {medians['curated']:.3f}.")]
     truth = results["curated"]["truth"]
     if truth:
         recall = ", ".join(f"{k} {v:.1%}" for k, v in truth["recall"].items())
-        lines += ["", f"Curation of the curated arm: recall per planted class {recall}; clean records removed "
+        lines += ["", (f"Curation of the curated arm: recall per planted class {recall}; clean records removed "
                       f"{truth['clean_removed_rate']:.2%} ({truth.get('clean_removed_natural_duplicates', 0)} of them "
-                      "duplicates of another clean record that the world itself drew)."]
-    text = "\n".join(lines) + "\n"
+                      "duplicates of another clean record that the world itself drew).")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_path = args.out.with_suffix(".png")
+    _plot(score, seeds, skills, plot_path)
+    lines += ["", f"![raw vs curated held-out accuracy]({plot_path.name})"]
+    text = "\n".join(lines) + "\n"
     args.out.write_text(text)
     print(text)
     return results
