@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = TrainConfig()
     parser.add_argument("--steps", type=int, default=defaults.max_steps, help="instruction-tuning steps of each arm")
+    parser.add_argument("--lr", type=float, default=defaults.lr,
+                        help="stage-2 peak learning rate of both arms; a non-default value gets its own run dirs")
     parser.add_argument("--train-per-skill", type=int, default=WorldConfig.train_per_skill,
                         help="clean training records per skill (default: train.py's world)")
     parser.add_argument("--eval-per-skill", type=int, default=150)
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     world = WorldConfig(train_per_skill=args.train_per_skill, eval_per_skill=args.eval_per_skill)
     tower = TowerStageConfig()
     align = AlignStageConfig()
-    train = TrainConfig(max_steps=args.steps, sample_every=0)
+    train = TrainConfig(max_steps=args.steps, lr=args.lr, sample_every=0)
+    recipe = "" if args.lr == defaults.lr else f"-lr{args.lr:g}"  # runs of another recipe never reuse these
     evaluation = EvalConfig()
     if args.smoke:
         world = replace(world, train_per_skill=12, eval_per_skill=4)
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Equal steps on each manifest and seed, evaluated on the clean held-out split.
     for seed in args.seeds:
         for arm in ("raw", "curated"):
-            run_dir = args.work / f"train-{arm}-seed{seed}"
+            run_dir = args.work / f"train-{arm}-seed{seed}{recipe}"
             if not (run_dir / "eval.json").is_file():
                 data = DataConfig(source="manifest", path=str(args.work / arm / "manifest.parquet"), cache_dir=cache)
                 run_job(_job(world, data, replace(train, seed=seed), evaluation, run_dir), show_progress=False)
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"- command: `{command.strip()}`",
         (f"- world: {world.train_per_skill} clean training records per skill (train_scale {world.train_scale}) + planted "
         f"defects (DirtyConfig defaults); held out: {world.eval_per_skill} per skill; {train.max_steps} instruction "
-        f"steps per arm and seed, same recipe; training seeds {seeds}, each with its own stage-0 tower pretrained on "
+        f"steps per arm and seed at peak lr {train.lr:g}, same recipe; training seeds {seeds}, each with its own stage-0 tower pretrained on "
         f"the clean world and shared by both arms; curation embeds with seed {args.curation_seed}'s tower"),
         (f"- wall time of this invocation: {time.perf_counter() - started:.0f} s (arms finished by an earlier "
         "invocation with the same --work are reused, not rerun)"),

@@ -36,3 +36,12 @@ def test_smoke_run_and_reuse(tmp_path):
     assert sorted(results["curated"]["runs"]) == [2]
     assert set(pq.read_table(manifest, columns=["config_hash"]).column("config_hash").to_pylist()) == hashes
     assert (tmp_path / "work" / "train-raw-seed0" / "eval.json").stat().st_mtime_ns == finished.st_mtime_ns
+
+
+def test_another_lr_gets_its_own_runs(tmp_path):
+    _run(tmp_path, ["0"])
+    results = exp.main(["--smoke", "--seeds", "0", "--lr", "1e-3", "--work", str(tmp_path / "work"), "--cache-dir",
+                        str(tmp_path / "cache"), "--out", str(tmp_path / "out" / "lr.md")])
+    assert (tmp_path / "work" / "train-curated-seed0-lr0.001" / "eval.json").is_file()
+    assert "peak lr 0.001" in (tmp_path / "out" / "lr.md").read_text()
+    assert sorted(results["raw"]["runs"]) == [0]
