@@ -202,6 +202,7 @@ class BalanceConfig:
     tags: list[str] = field(default_factory=lambda: ["concepts", "skill"])  # kinds of TAG_KINDS, balanced in this order
     concepts: list[str] = field(default_factory=list)  # concept vocabulary, matched as whole words (case-sensitive)
     cap: float = 1.25  # t = cap × median count per tag kind; a tag below t keeps every record
+    min_t: float = 0.0  # t is at least this (MetaCLIP's absolute t): small samples are not thinned for noise
     combine: str = "min"  # min: the most over-represented tag decides; any: MetaCLIP's rule (any tag keeps it)
     seed: int = 0
 
@@ -211,6 +212,8 @@ class BalanceConfig:
             raise ValueError(f"balance.tags: unknown tag kind(s) {unknown}; expected a subset of {list(TAG_KINDS)}")
         if self.cap < 1.0:
             raise ValueError(f"balance.cap={self.cap} must be >= 1 (t is at least the median count)")
+        if self.min_t < 0:
+            raise ValueError(f"balance.min_t={self.min_t} must be >= 0")
         if self.combine not in ("min", "any"):
             raise ValueError(f"balance.combine={self.combine!r}; expected 'min' or 'any'")
 

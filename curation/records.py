@@ -20,6 +20,11 @@ from vlm_core.types import Sample
 THUMB = 16  # side of the thumbnail kept per image (the pixel embedding and the report's examples use it)
 
 
+def sample_text(sample: Sample) -> str:
+    """All turns, one per line, without the ``<image>`` placeholders: what text dedup and embeddings see."""
+    return "\n".join(turn.text.replace(IMAGE_TOKEN, " ").strip() for turn in sample.turns)
+
+
 @dataclass(frozen=True)
 class ImageFacts:
     """What curation needs from one decoded image, measured once at ingest."""
@@ -45,8 +50,7 @@ class Item:
 
     @property
     def text(self) -> str:
-        """All turns, one per line, without the ``<image>`` placeholders: what text dedup and embeddings see."""
-        return "\n".join(turn.text.replace(IMAGE_TOKEN, " ").strip() for turn in self.sample.turns)
+        return sample_text(self.sample)
 
     @property
     def assistant_chars(self) -> int:

@@ -71,8 +71,12 @@ def near_dedup(
     uids: Sequence[str],
     cfg: NearConfig,
     show_progress: bool = False,
+    reference: int = 0,
 ) -> StageResult:
     """Remove near duplicates of earlier kept records.
+
+    The first ``reference`` records are what is already there (the loop's pool and earlier rounds): each is
+    indexed as it is, never tested and never removed, and every later record is tested against them too.
 
     phashes: [N, 3] uint64, the R/G/B pHashes of each record's first image (ignored where ``has_image`` is False);
     thumbs: [N, THUMB, THUMB, 3] uint8 box-filtered thumbnails of the same images;
@@ -82,12 +86,17 @@ def near_dedup(
     n = len(uids)
     if not (len(phashes) == len(has_image) == len(signatures) == n):
         raise ValueError(f"near_dedup: {len(phashes)} hashes, {len(has_image)} flags, {len(signatures)} signatures, {n} ids")
+    if not 0 <= reference <= n:
+        raise ValueError(f"near_dedup: reference={reference} must be in [0, {n}] (the records given)")
     lsh = MinHashLSH(threshold=cfg.text_threshold, num_perm=cfg.num_perm)
     removed: dict[int, str] = {}
     near_of = np.full(n, -1, dtype=np.int64)
     pairs_checked = 0
     for i in tqdm(range(n), desc="near: lsh", unit="rec", disable=not show_progress, leave=False):
         signature = MinHash(num_perm=cfg.num_perm, hashvalues=signatures[i], scheme=MINHASH_SCHEME)
+        if i < reference:
+            lsh.insert(i, signature)
+            continue
         candidates = np.fromiter(lsh.query(signature), dtype=np.int64)
         if candidates.size:
             candidates.sort()  # earliest first, so the reason names the first matching record
@@ -110,5 +119,5 @@ def near_dedup(
                 removed[i] = f"near duplicate of {uids[j]} ({image_part}text similarity {similarity[k]:.2f})"
                 continue
         lsh.insert(i, signature)
-    summary = {"pairs_checked": pairs_checked, "max_hamming": cfg.max_hamming, "text_threshold": cfg.text_threshold}
+    summary = {"pairs_checked": pairs_checked, "reference": reference, "max_hamming": cfg.max_hamming, "text_threshold": cfg.text_threshold}
     return StageResult("near", n, removed, {"near_of": near_of}, summary)

@@ -76,6 +76,19 @@ def test_near_dedup_removes_recompressed_and_noised_copies_only(rng: np.random.G
     assert result.columns["near_of"].tolist() == [-1] * 6 + [0, -1, -1, 3]
 
 
+def test_near_dedup_reference_records_are_indexed_but_never_removed(rng: np.random.Generator) -> None:
+    phashes, thumbs, texts = _near_inputs(rng)
+    cfg = NearConfig()
+    uids = [f"r{i}" for i in range(len(texts))]
+    # Records 0-6 are "already there": 6 (a copy of 0) stays, and 9 is still caught as a copy of reference 3.
+    result = near_dedup(phashes, thumbs, np.ones(len(texts), bool), minhashes(texts, cfg), uids, cfg, reference=7)
+    assert sorted(result.removed) == [9], result.removed
+    assert result.columns["near_of"].tolist() == [-1] * 9 + [3]
+    assert result.summary["reference"] == 7
+    with pytest.raises(ValueError, match="reference=11"):
+        near_dedup(phashes, thumbs, np.ones(len(texts), bool), minhashes(texts, cfg), uids, cfg, reference=11)
+
+
 def test_near_dedup_text_only_records_match_on_text_alone() -> None:
     texts = ["Tell me a joke about a cat and a dog.", "Tell me a joke about a cat and a dog!", "Something else."]
     cfg = NearConfig()

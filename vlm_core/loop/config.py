@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from curation.config import NearConfig
 from curation.sources.world.config import SKILLS
 from vlm_core.config import JobConfig
 
@@ -95,6 +96,43 @@ class RoundTrainConfig:
 
 
 @dataclass
+class RoundBalanceConfig:
+    """MetaCLIP balancing of each round's increment (``curation.stages.balance``), within each skill and
+    concept family (colours, shapes, words): a concept above ``cap`` x its family's median count keeps each
+    of its records with probability t / count. The skills' shares are the sampler's plan and are left alone."""
+
+    enabled: bool = True
+    cap: float = 2.0  # curate.py uses 1.25 on raw data; the teacher draws concepts evenly, so only real skew is capped
+    min_t: float = 20.0  # t is at least this: a few dozen samples of a skill are never thinned for counting noise
+    seed: int = 0  # mixed with the loop's seed and the round
+
+    def __post_init__(self) -> None:
+        if self.cap < 1.0:
+            raise ValueError(f"curation.balance.cap={self.cap} must be >= 1 (t is at least the median count)")
+        if self.min_t < 0:
+            raise ValueError(f"curation.balance.min_t={self.min_t} must be >= 0")
+
+
+@dataclass
+class RoundCurationConfig:
+    """How a round's increment is curated with the pool before it joins the mixture.
+
+    Exact duplicates (scene graph, question and answer) of the pool, of earlier rounds and of each other are
+    always dropped. ``near``: curate.py's near-duplicate stage with the pool and earlier rounds as its
+    reference. ``balance``: see :class:`RoundBalanceConfig`. ``refill``: extra teacher passes that replace
+    what curation removed, so every strategy adds its full budget.
+    """
+
+    near: NearConfig = field(default_factory=NearConfig)
+    balance: RoundBalanceConfig = field(default_factory=RoundBalanceConfig)
+    refill: int = 2  # teacher passes after the first that top the increment up to the plan (0 = none)
+
+    def __post_init__(self) -> None:
+        if self.refill < 0:
+            raise ValueError(f"curation.refill={self.refill} must be >= 0")
+
+
+@dataclass
 class MetabolizeConfig:
     """Everything ``metabolize.py`` needs. ``job`` is round 0's training job; rounds 1..N derive from it."""
 
@@ -108,6 +146,7 @@ class MetabolizeConfig:
     self_augment: SelfAugmentConfig = field(default_factory=SelfAugmentConfig)
     http: HttpTeacherConfig = field(default_factory=HttpTeacherConfig)
     rounds_train: RoundTrainConfig = field(default_factory=RoundTrainConfig)
+    curation: RoundCurationConfig = field(default_factory=RoundCurationConfig)
     output_dir: str | None = None  # None = Hydra's run directory
     resume: bool = True  # a rerun in the same output_dir continues at the first unfinished round
     tensorboard: bool = True

@@ -59,6 +59,15 @@ class Generated:
         return counts
 
 
+def merge_generated(first: Generated, more: Generated) -> Generated:
+    """One generator's output over several passes: the first pass's request, every pass's samples and rejections."""
+    rejected = dict(first.rejected)
+    for skill, n in more.rejected.items():
+        rejected[skill] = rejected.get(skill, 0) + n
+    return Generated(first.generator, first.samples + more.samples, {**first.scenes, **more.scenes},
+                     first.requested, rejected)
+
+
 def teacher_seed(loop_seed: int, round_index: int) -> int:
     return TEACHER_SEED_BASE + 1000 * loop_seed + round_index
 

@@ -1,9 +1,9 @@
 """Curate a round's increment against the pool and write the round's versioned mixture (a manifest).
 
-Curation here is three pure steps over samples keyed by (scene graph, question, answer):
+Exact curation here is three pure steps over samples keyed by (scene graph, question, answer):
 exact duplicates inside the increment are dropped, samples already in the pool (or an earlier increment)
-are dropped, and a pool sample a verified recaption improves on is replaced. Balance across categories is
-the sampler's plan. The mixture is written in ``curate.py``'s manifest format (``vlm_core.data.manifest``),
+are dropped, and a pool sample a verified recaption improves on is replaced. Near dedup and concept
+balancing follow (:mod:`vlm_core.loop.curate_stages`); balance across categories is the sampler's plan. The mixture is written in ``curate.py``'s manifest format (``vlm_core.data.manifest``),
 so ``train.py data=manifest data.path=...`` trains on any round's mixture; every row's ``decisions`` column
 and the file's metadata record its lineage: the round and the generator that produced it.
 """
@@ -51,6 +51,14 @@ class Curated:
     kept: dict[str, list[Sample]] = field(default_factory=dict)  # source → samples
     removed: Counter = field(default_factory=Counter)  # reason → count
     replaced: set[str] = field(default_factory=set)  # pool sample ids a recaption replaces
+    refill_passes: int = 0  # generation passes after the first that made up for removed samples
+
+    def merge(self, other: Curated) -> None:
+        """Add another pass's kept samples and decisions to this one."""
+        for source, samples in other.kept.items():
+            self.kept.setdefault(source, []).extend(samples)
+        self.removed.update(other.removed)
+        self.replaced |= other.replaced
 
 
 def curate_increment(generated: Sequence[tuple[str, Generated]], seen: set[str],

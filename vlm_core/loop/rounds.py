@@ -33,21 +33,31 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from curation.sources.world import Scene, WorldPaths, build_world, load_scenes
 from vlm_core.config import JobConfig
 from vlm_core.loop.analysis import analyse
-from vlm_core.loop.config import MetabolizeConfig, SelfAugmentConfig
+from vlm_core.loop.config import MetabolizeConfig, RoundBalanceConfig, SelfAugmentConfig
+from vlm_core.loop.curate_stages import (
+    NearFeatures,
+    balance_filter,
+    cached_near_features,
+    near_features,
+    near_filter,
+)
 from vlm_core.loop.generators import (
     Generated,
     HttpTeacher,
     SelfAugment,
     WorldTeacher,
+    merge_generated,
     teacher_seed,
 )
 from vlm_core.loop.mixture import (
     POOL_SOURCE,
+    Curated,
     composition,
     curate_increment,
     sample_key,
@@ -62,6 +72,8 @@ from vlm_core.types import EvalReport, Sample, Turn
 log = logging.getLogger(__name__)
 
 DONE = "DONE"
+ROUND_FEATURES = "near-features.npz"  # the near-dedup features of the round's kept new-image samples
+REFILL_SEED_STRIDE = 100_000  # refill pass p draws teacher seeds p strides away from the round's first pass
 RunJob = Callable[[JobConfig], "EvalReport | None"]
 
 
@@ -162,9 +174,7 @@ class Loop:
         previous = history[k - 1]
         scores = previous["scores"]
         plan = plan_increment(scores, cfg.strategy, cfg.sampler)
-        generated = self.generate(k, folder, plan, scores, previous)
-        curated = curate_increment([(f"r{k}_{name}", batch) for name, batch in generated.items()], self.seen(k),
-                                   self.key_of)
+        generated, curated = self.generate_and_curate(k, folder, plan, scores, previous)
         lineage: dict[str, Any] = {POOL_SOURCE: {"round": 0, "generator": "world"}}
         for j in range(1, k + 1):
             for name in cfg.generators:
@@ -192,7 +202,7 @@ class Loop:
         job = self.round_job(k, folder, manifest)
         report = self.run_job(job)
         curation = {"kept": {s: len(v) for s, v in curated.kept.items()}, "removed": dict(curated.removed),
-                    "replaced": len(curated.replaced)}
+                    "replaced": len(curated.replaced), "refill_passes": curated.refill_passes}
         gen = {name: {"requested": b.requested, "produced": b.produced(), "rejected": b.rejected}
                for name, b in generated.items()}
         return self.record(k, folder, report, plan=plan, generated=gen, curation=curation, mixture=mixture)
@@ -215,46 +225,126 @@ class Loop:
             job.train.resume = str(warm_start(self.out / f"round-{k - 1}" / "train", run_dir))
         return job
 
-    def generate(self, k: int, folder: Path, plan: dict[str, int], scores: dict[str, float],
-                 previous: dict[str, Any]) -> dict[str, Generated]:
-        cfg = self.cfg
-        out: dict[str, Generated] = {}
-        avoid = frozenset(scene.key() for path, scene in self.scenes.items() if path.startswith(str(self.eval_root)))
-        teacher = WorldTeacher(cfg.job.data.world, cfg.teacher, folder / "images", avoid)
-        seed, split = teacher_seed(cfg.seed, k), f"r{k}"
+    def generate_and_curate(self, k: int, folder: Path, plan: dict[str, int], scores: dict[str, float],
+                            previous: dict[str, Any]) -> tuple[dict[str, Generated], Curated]:
+        """Generate round k's increment and curate it against the pool and earlier rounds.
+
+        Exact dedup, then near dedup (:mod:`vlm_core.loop.curate_stages`); what they remove from the teachers'
+        share is generated again (``curation.refill`` passes, fresh seeds), so every strategy adds its planned
+        budget; balance runs last, on the whole increment.
+        """
+        cfg, ccfg = self.cfg, self.cfg.curation
         # The teacher and the HTTP teacher share the planned budget; self-augment has its own (it adds no new images).
         external = [g for g in cfg.generators if g in ("teacher", "http")]
-        shares = _divide_plan(plan, len(external))
-        for name, part in zip(external, shares):
-            if name == "teacher":
-                out[name] = teacher.generate(part, seed, split, f"r{k}_teacher", scores)
-            else:
-                http_world = WorldTeacher(cfg.job.data.world, cfg.teacher, folder / "images-http", avoid)
-                out[name] = HttpTeacher(cfg.http, http_world).generate(part, seed + 500, f"r{k}h", f"r{k}_http", scores)
+        shares = dict(zip(external, _divide_plan(plan, len(external))))
+        generated = self.generate_external(k, folder, shares, scores, attempt=0)
         if "self_augment" in cfg.generators and cfg.strategy != "none":
             answer = _model_answerer(Path(previous["run_dir"]), cfg.self_augment)
             start = (k - 1) * cfg.self_augment.images
             captions = [s for s in self.pool if s.skill == "caption"]
             pool = captions[start:] + captions[:start]  # a new slice of the pool each round
-            out["self_augment"] = SelfAugment(cfg.self_augment, answer).generate(pool, self.scene_of, f"r{k}_self_augment", k)
+            generated["self_augment"] = SelfAugment(cfg.self_augment, answer).generate(
+                pool, self.scene_of, f"r{k}_self_augment", k)
+        seen = self.seen(k)
+        reference = self.near_reference(k) if ccfg.near.enabled else None
+        before = len(reference) if reference is not None else 0
+        curated = Curated()
+        batches = dict(generated)
+        drawn: dict[str, Scene] = {}  # the scene graphs of this round's new images, by path
+
+        def key_of(sample: Sample) -> str:  # new images are keyed by their scene graph, as earlier rounds' are
+            scene = self.scene_of(sample) or (drawn.get(str(sample.image_paths[0])) if sample.image_paths else None)
+            return sample_key(sample, scene)
+
+        for attempt in range(ccfg.refill + 1):
+            if attempt:
+                deficits = {name: _deficit(shares[name], curated.kept.get(f"r{k}_{name}", [])) for name in external}
+                if not any(deficits.values()):
+                    break
+                batches = self.generate_external(k, folder, deficits, scores, attempt)
+                for name, batch in batches.items():
+                    generated[name] = merge_generated(generated[name], batch)
+                curated.refill_passes = attempt
+            drawn.update((path, scene) for batch in batches.values() for path, scene in batch.scenes.items())
+            passed = curate_increment([(f"r{k}_{name}", batch) for name, batch in batches.items()], seen, key_of)
+            if reference is not None:
+                reference = self._near(passed, reference, external, k)
+            curated.merge(passed)
+        if ccfg.balance.enabled:
+            _balance(curated, ccfg.balance, [ccfg.balance.seed, cfg.seed, k])
+        if reference is not None:
+            kept = {s.id for name in external for s in curated.kept.get(f"r{k}_{name}", [])}
+            rows = np.array([i for i in range(before, len(reference)) if reference.ids[i] in kept], dtype=np.int64)
+            reference.take(rows).save(folder / ROUND_FEATURES)
+        self.write_scenes(folder, generated)
+        return generated, curated
+
+    def _near(self, curated: Curated, reference: NearFeatures, external: list[str], k: int) -> NearFeatures:
+        """Near-dedup ``curated``'s new-image samples (in place); returns the reference grown by the kept ones."""
+        sources = [f"r{k}_{name}" for name in external if f"r{k}_{name}" in curated.kept]
+        samples = [s for source in sources for s in curated.kept[source]]
+        features = near_features(samples, self.cfg.curation.near, desc=f"round {k}: near features")
+        keep, removed = near_filter(features, reference, self.cfg.curation.near)
+        curated.removed.update(removed)
+        offset = 0
+        for source in sources:
+            n = len(curated.kept[source])
+            curated.kept[source] = [s for s, ok in zip(curated.kept[source], keep[offset:offset + n]) if ok]
+            offset += n
+        return NearFeatures.concat([reference, features.take(np.flatnonzero(keep))])
+
+    def near_reference(self, k: int) -> NearFeatures:
+        """Near-dedup features of the pool (cached beside the world) and of every earlier round's kept new images."""
+        near = self.cfg.curation.near
+        parts = [cached_near_features(self.pool, near, self.world.dir, "pool")]
+        for j in range(1, k):
+            path = self.out / f"round-{j}" / ROUND_FEATURES
+            if not path.is_file():  # a round written before near dedup existed: hash its increments now
+                samples = [s for name, s in self.increment_samples(j) if name in ("teacher", "http")]
+                near_features(samples, near, desc=f"round {j}: near features").save(path)
+            parts.append(NearFeatures.load(path))
+        return NearFeatures.concat(parts)
+
+    def generate_external(self, k: int, folder: Path, plans: dict[str, dict[str, int]], scores: dict[str, float],
+                          attempt: int) -> dict[str, Generated]:
+        """The teachers' samples for ``plans`` (generator → skill → count); refill passes get fresh seeds and ids."""
+        cfg = self.cfg
+        avoid = frozenset(scene.key() for path, scene in self.scenes.items() if path.startswith(str(self.eval_root)))
+        seed, suffix = teacher_seed(cfg.seed, k) + REFILL_SEED_STRIDE * attempt, f"f{attempt}" if attempt else ""
+        out: dict[str, Generated] = {}
+        for name, part in plans.items():
+            if name == "teacher":
+                teacher = WorldTeacher(cfg.job.data.world, cfg.teacher, folder / "images", avoid)
+                out[name] = teacher.generate(part, seed, f"r{k}{suffix}", f"r{k}_teacher", scores)
+            else:
+                http_world = WorldTeacher(cfg.job.data.world, cfg.teacher, folder / "images-http", avoid)
+                out[name] = HttpTeacher(cfg.http, http_world).generate(part, seed + 500, f"r{k}h{suffix}", f"r{k}_http",
+                                                                       scores)
+        return out
+
+    def write_scenes(self, folder: Path, generated: dict[str, Generated]) -> None:
         scene_rows = [
             {"image": str(Path(path).relative_to(folder)), "scene": scene.to_json()}
-            for batch in out.values() for path, scene in batch.scenes.items() if Path(path).is_relative_to(folder)
+            for batch in generated.values() for path, scene in batch.scenes.items() if Path(path).is_relative_to(folder)
         ]
         atomic_write_text(folder / "scenes.jsonl", "".join(json.dumps(row) + "\n" for row in scene_rows))
+
+    def increment_samples(self, j: int) -> list[tuple[str, Sample]]:
+        """(generator, sample) of every increment round j kept."""
+        from vlm_core.data.manifest import read_manifest
+
+        out = []
+        for name in self.cfg.generators:
+            part = self.out / f"round-{j}" / f"increment-{name}.parquet"
+            if part.is_file():
+                out += [(name, s) for rows in read_manifest(part, check_images=False).samples.values() for s in rows]
         return out
 
     def seen(self, k: int) -> set[str]:
         """Keys of the pool and of every increment before round k (what the new data is deduplicated against)."""
         seen = {self.key_of(sample) for sample in self.pool}
-        from vlm_core.data.manifest import read_manifest
-
         for j in range(1, k):
-            for name in self.cfg.generators:
-                part = self.out / f"round-{j}" / f"increment-{name}.parquet"
-                if part.is_file():
-                    for rows in read_manifest(part, check_images=False).samples.values():
-                        seen.update(sample_key(s, self._increment_scene(j, s)) for s in rows)
+            seen.update(sample_key(s, self._increment_scene(j, s)) for _, s in self.increment_samples(j))
         return seen
 
     def _increment_scene(self, j: int, sample: Sample) -> Scene | None:
@@ -315,6 +405,23 @@ def warm_start(previous_run: Path, run_dir: Path) -> Path:
                  "warm_start_from": str(source)})
     atomic_write_text(target / "state.json", json.dumps(warm, indent=1))
     return target
+
+
+def _deficit(share: dict[str, int], kept: list[Sample]) -> dict[str, int]:
+    """What curation left short of a generator's share, per skill."""
+    have: dict[str, int] = {}
+    for sample in kept:
+        have[sample.skill or ""] = have.get(sample.skill or "", 0) + 1
+    return {skill: n - have.get(skill, 0) for skill, n in share.items() if n > have.get(skill, 0)}
+
+
+def _balance(curated: Curated, cfg: RoundBalanceConfig, seed: list[int]) -> None:
+    """Balance the whole increment (every source) in place."""
+    entries = [(source, s) for source, samples in curated.kept.items() for s in samples]
+    keep, removed = balance_filter([s for _, s in entries], cfg, seed)
+    curated.removed.update(removed)
+    for source in curated.kept:
+        curated.kept[source] = [s for (src, s), ok in zip(entries, keep) if ok and src == source]
 
 
 def _divide_plan(plan: dict[str, int], parts: int) -> list[dict[str, int]]:

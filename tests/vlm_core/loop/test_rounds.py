@@ -104,3 +104,23 @@ def test_sigkilled_metabolize_resumes_at_its_round(smoke_cfg, tmp_path: Path) ->
         assert f"round {name.split('-')[1]}: done in an earlier run, skipped" in log
     history = json.loads((run_dir / "rounds.json").read_text())
     assert [r["round"] for r in history] == [0, 1]
+
+
+def test_curation_refills_what_it_removed(make_cfg, monkeypatch) -> None:
+    """Round 2's teacher repeats round 1's draws exactly; curation drops them all and a refill pass tops up the plan."""
+    import vlm_core.loop.rounds as rounds
+
+    monkeypatch.setattr(rounds, "teacher_seed", lambda loop_seed, round_index: 50_000)
+    cfg = make_cfg(rounds=2, generators=["teacher"])
+    history = run_loop(cfg, lambda job: run_job(job, show_progress=False))
+    first, second = history[1]["curation"], history[2]["curation"]
+    assert first["refill_passes"] == 0 and not first["removed"]
+    repeated = sum(n for skill, n in history[2]["plan"].items() if n <= history[1]["plan"].get(skill, 0))
+    assert second["removed"]["duplicate of pool or earlier sample"] >= repeated > 0
+    assert second["refill_passes"] >= 1
+    assert second["kept"]["r2_teacher"] == cfg.sampler.budget  # the full budget, every sample new
+    out = Path(cfg.output_dir)
+    rows = read_manifest(out / "round-2" / "increment-teacher.parquet", check_images=False).samples
+    ids = [s.id for part in rows.values() for s in part]
+    assert any(i.startswith("r2f1-") for i in ids) and len(set(ids)) == len(ids)
+    assert (out / "round-2" / "near-features.npz").is_file()
