@@ -42,7 +42,7 @@ def plot_run(folder: Path, history: Sequence[dict[str, Any]]) -> dict[str, Path]
         ax.plot(rounds, [r["skills"].get(skill, float("nan")) for r in history], marker="o", label=skill)
     ax.plot(rounds, [r["overall"] for r in history], color="black", linestyle="--", label="mean")
     ax.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1.02), xticks=rounds,
-           title=f"per-skill accuracy ({history[0]['strategy'] if history else ''})")
+           title=f"per-skill accuracy ({history[-1]['strategy'] if history else ''})")
     ax.legend(fontsize=7, ncol=3)
     paths["accuracy"] = _save(fig, folder / "accuracy.png")
 
@@ -83,8 +83,9 @@ def render_report(history: Sequence[dict[str, Any]], plots: dict[str, Path], out
     lines = ["# Data-metabolism loop", ""]
     if history:
         total = sum(r.get("wall_s", 0) for r in history)
-        lines += [f"Strategy `{history[0]['strategy']}`, seed {history[0]['seed']}, {len(history)} rounds done ({total:.0f} s).",
-                  ""]
+        # The last round's strategy: round 0 may be shared between strategies (see benchmarks/exp_metabolize.py).
+        lines += [f"Strategy `{history[-1]['strategy']}`, seed {history[-1]['seed']}, {len(history)} rounds done "
+                  f"({total:.0f} s).", ""]
     lines += ["## Held-out accuracy per round", "",
               "| round | " + " | ".join(skills) + " | mean | caption halluc. | wall s |",
               "|---|" + "---|" * (len(skills) + 3)]
@@ -102,6 +103,13 @@ def render_report(history: Sequence[dict[str, Any]], plots: dict[str, Path], out
         if worst and confusions.get(worst, {}).get("confusions"):
             pairs = "; ".join(f"{ref} → {ans} ×{n}" for ref, ans, n in confusions[worst]["confusions"][:3])
             lines.append(f"  - {worst} confusions (reference → answer): {pairs}")
+    lines += ["", "## Curation per round", "",
+              "| round | kept per source | removed (reason: count) | refill passes |", "|---|---|---|---|"]
+    for r in history[1:]:
+        curation = r.get("curation") or {}
+        kept = ", ".join(f"{source} {n}" for source, n in (curation.get("kept") or {}).items()) or "-"
+        removed = "; ".join(f"{reason}: {n}" for reason, n in (curation.get("removed") or {}).items()) or "nothing"
+        lines.append(f"| {r['round']} | {kept} | {removed} | {curation.get('refill_passes', 0)} |")
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path.relative_to(out).as_posix()})" for name, path in plots.items()]
     return "\n".join(lines) + "\n"

@@ -124,3 +124,5 @@ def test_curation_refills_what_it_removed(make_cfg, monkeypatch) -> None:
     ids = [s.id for part in rows.values() for s in part]
     assert any(i.startswith("r2f1-") for i in ids) and len(set(ids)) == len(ids)
     assert (out / "round-2" / "near-features.npz").is_file()
+    report = (out / "report.md").read_text()
+    assert f"| 2 | r2_teacher {cfg.sampler.budget} | duplicate of pool or earlier sample: " in report
