@@ -11,7 +11,7 @@ import pytest
 
 from curation.config import NearConfig
 from curation.sources.world import WorldConfig
-from vlm_core.loop.config import RoundBalanceConfig, TeacherConfig
+from vlm_core.loop.config import RoundBalanceConfig, RoundCurationConfig, TeacherConfig
 from vlm_core.loop.curate_stages import (
     NearFeatures,
     balance_filter,
@@ -93,3 +93,13 @@ def test_balance_leaves_an_even_increment_alone(tmp_path: Path) -> None:
     batch = _teacher(tmp_path, "b", {"color": 200, "shape": 200}, seed=5).samples
     keep, removed = balance_filter(batch, RoundBalanceConfig(), seed=[0, 0, 1])
     assert keep.all() and not removed
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: RoundCurationConfig(refill=-1), "curation.refill=-1"),
+    (lambda: RoundBalanceConfig(cap=0.5), "curation.balance.cap=0.5"),
+    (lambda: RoundBalanceConfig(min_t=-1.0), "curation.balance.min_t=-1.0"),
+])
+def test_round_curation_config_rejects_bad_values(build, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
