@@ -91,7 +91,7 @@ def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name:
         group = by[strategy]
         return sum(r[key] for r in group) / len(group) if group else float("nan")
 
-    lines = [f"# Data-metabolism loop: adaptive vs uniform vs none ({args.name})", "",
+    lines = [f"# Data-metabolism loop: adaptive vs uniform vs none ({args.label})", "",
              f"- command: `python benchmarks/exp_metabolize.py {' '.join(sys.argv[1:])}`",
              f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; commit {git_commit()}",
              (f"- device: {platform.processor() or platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
@@ -125,12 +125,15 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "exp_metabolize")
     parser.add_argument("--name", default=None, help="results file suffix (default: default or smoke)")
+    parser.add_argument("--label", default=None,
+                        help="results file suffix (default: --name); e.g. a longer run of the same --work and --name")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="the smoke preset: every step at toy sizes")
     parser.add_argument("--override", nargs="*", default=[], help="metabolize.py overrides, e.g. sampler.budget=6000")
     parser.add_argument("--note", default="", help="a line added to the results (e.g. how the runs were scheduled)")
     args = parser.parse_args()
     args.name = args.name or ("smoke" if args.smoke else "default")
+    args.label = args.label or args.name
     overrides = (["metabolize/preset=smoke"] if args.smoke else []) + list(args.override)
     base = compose_config(overrides)
     started = time.perf_counter()
@@ -143,13 +146,13 @@ def main() -> None:
             histories[(strategy, seed)] = run_arm(base, strategy, seed, out, first)
             first = first or out
     rows = collate([work / f"seed{s}" / st for s in args.seeds for st in args.strategies], work,
-                   title=f"exp_metabolize {args.name}")
+                   title=f"exp_metabolize {args.label}")
     args.results.mkdir(parents=True, exist_ok=True)
-    plot_name = f"metabolize_{args.name}.png"
+    plot_name = f"metabolize_{args.label}.png"
     plot(histories, args.results / plot_name)
     text = render(rows, args, time.perf_counter() - started, plot_name)
-    (args.results / f"metabolize_{args.name}.md").write_text(text)
-    (args.results / f"metabolize_{args.name}.json").write_text(json.dumps(rows, indent=1))
+    (args.results / f"metabolize_{args.label}.md").write_text(text)
+    (args.results / f"metabolize_{args.label}.json").write_text(json.dumps(rows, indent=1))
     print(text)
 
 
