@@ -92,7 +92,7 @@ def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name:
         return sum(r[key] for r in group) / len(group) if group else float("nan")
 
     lines = [f"# Data-metabolism loop: adaptive vs uniform vs none ({args.label})", "",
-             f"- command: `python benchmarks/exp_metabolize.py {' '.join(sys.argv[1:])}`",
+             f"- command: `python benchmarks/exp_metabolize.py {' '.join(args.argv)}`",
              f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; commit {git_commit()}",
              (f"- device: {platform.processor() or platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
              f"torch {importlib.metadata.version('torch')}; wall time {wall_s / 60:.1f} min"),
@@ -119,7 +119,7 @@ def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the smoke preset: every step at toy sizes")
     parser.add_argument("--override", nargs="*", default=[], help="metabolize.py overrides, e.g. sampler.budget=6000")
     parser.add_argument("--note", default="", help="a line added to the results (e.g. how the runs were scheduled)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     args.name = args.name or ("smoke" if args.smoke else "default")
     args.label = args.label or args.name
     overrides = (["metabolize/preset=smoke"] if args.smoke else []) + list(args.override)
@@ -154,6 +155,7 @@ def main() -> None:
     (args.results / f"metabolize_{args.label}.md").write_text(text)
     (args.results / f"metabolize_{args.label}.json").write_text(json.dumps(rows, indent=1))
     print(text)
+    return rows
 
 
 if __name__ == "__main__":
