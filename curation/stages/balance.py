@@ -2,11 +2,12 @@
 
 Each tag (``cluster:17``, ``skill:ocr``, ``concept:CAT``) with ``count`` records keeps each of them with
 probability ``t / max(count, t)``; tags below ``t`` keep everything. ``t`` is set per tag kind as ``cap``
-times the median count of that kind's tags (and at least ``min_t``), so a kind whose tags are about equally frequent loses nothing
-and a tag at 20x the median keeps ~1/16 of its records (with the default cap 1.25). A record with several
-tags of one kind keeps the smallest probability (``combine=min``: the most over-represented tag decides) or,
-with ``combine=any``, MetaCLIP's rule (it survives if any of its tags keeps it). Kinds are balanced one
-after the other in the configured order, each with its own seeded uniform draw per record.
+times the median count of that kind's tags (and at least ``min_t``), so a kind whose tags are about equally
+frequent loses nothing and a tag at 20x the median keeps ~1/16 of its records (with the default cap 1.25).
+A record with several tags of one kind keeps the smallest probability (``combine=min``: the most
+over-represented tag decides) or, with ``combine=any``, MetaCLIP's rule (it survives if any of its tags keeps
+it). Kinds are balanced one after the other in the configured order, each with its own seeded uniform draw
+per record.
 """
 
 from __future__ import annotations

@@ -119,5 +119,6 @@ def near_dedup(
                 removed[i] = f"near duplicate of {uids[j]} ({image_part}text similarity {similarity[k]:.2f})"
                 continue
         lsh.insert(i, signature)
-    summary = {"pairs_checked": pairs_checked, "reference": reference, "max_hamming": cfg.max_hamming, "text_threshold": cfg.text_threshold}
+    summary = {"pairs_checked": pairs_checked, "reference": reference, "max_hamming": cfg.max_hamming,
+               "text_threshold": cfg.text_threshold}
     return StageResult("near", n, removed, {"near_of": near_of}, summary)

@@ -127,7 +127,8 @@ def near_filter(features: NearFeatures, reference: NearFeatures, cfg: NearConfig
     return keep, removed
 
 
-def balance_filter(samples: Sequence[Sample], cfg: RoundBalanceConfig, seed: Sequence[int]) -> tuple[np.ndarray, Counter]:
+def balance_filter(samples: Sequence[Sample], cfg: RoundBalanceConfig,
+                   seed: Sequence[int]) -> tuple[np.ndarray, Counter]:
     """MetaCLIP balance within each skill and concept family; a keep mask and the removal counts by family.
 
     ``seed`` (e.g. [balance seed, loop seed, round]) makes the draws reproducible and different per round.

@@ -3,8 +3,9 @@
 Exact curation here is three pure steps over samples keyed by (scene graph, question, answer):
 exact duplicates inside the increment are dropped, samples already in the pool (or an earlier increment)
 are dropped, and a pool sample a verified recaption improves on is replaced. Near dedup and concept
-balancing follow (:mod:`vlm_core.loop.curate_stages`); balance across categories is the sampler's plan. The mixture is written in ``curate.py``'s manifest format (``vlm_core.data.manifest``),
-so ``train.py data=manifest data.path=...`` trains on any round's mixture; every row's ``decisions`` column
+balancing follow (:mod:`vlm_core.loop.curate_stages`); balance across categories is the sampler's plan.
+The mixture is written in ``curate.py``'s manifest format (``vlm_core.data.manifest``), so
+``train.py data=manifest data.path=...`` trains on any round's mixture; every row's ``decisions`` column
 and the file's metadata record its lineage: the round and the generator that produced it.
 """
 

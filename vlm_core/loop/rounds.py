@@ -28,6 +28,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -286,11 +287,7 @@ class Loop:
         features = near_features(samples, self.cfg.curation.near, desc=f"round {k}: near features")
         keep, removed = near_filter(features, reference, self.cfg.curation.near)
         curated.removed.update(removed)
-        offset = 0
-        for source in sources:
-            n = len(curated.kept[source])
-            curated.kept[source] = [s for s, ok in zip(curated.kept[source], keep[offset:offset + n]) if ok]
-            offset += n
+        _keep_only(curated, sources, keep)
         return NearFeatures.concat([reference, features.take(np.flatnonzero(keep))])
 
     def near_reference(self, k: int) -> NearFeatures:
@@ -409,19 +406,25 @@ def warm_start(previous_run: Path, run_dir: Path) -> Path:
 
 def _deficit(share: dict[str, int], kept: list[Sample]) -> dict[str, int]:
     """What curation left short of a generator's share, per skill."""
-    have: dict[str, int] = {}
-    for sample in kept:
-        have[sample.skill or ""] = have.get(sample.skill or "", 0) + 1
-    return {skill: n - have.get(skill, 0) for skill, n in share.items() if n > have.get(skill, 0)}
+    have = Counter(sample.skill or "" for sample in kept)
+    return {skill: n - have[skill] for skill, n in share.items() if n > have[skill]}
+
+
+def _keep_only(curated: Curated, sources: list[str], keep: np.ndarray) -> None:
+    """Filter ``curated.kept[source]`` for ``sources`` in place by ``keep``, a mask over their samples in that order."""
+    offset = 0
+    for source in sources:
+        n = len(curated.kept[source])
+        curated.kept[source] = [s for s, ok in zip(curated.kept[source], keep[offset:offset + n]) if ok]
+        offset += n
 
 
 def _balance(curated: Curated, cfg: RoundBalanceConfig, seed: list[int]) -> None:
     """Balance the whole increment (every source) in place."""
-    entries = [(source, s) for source, samples in curated.kept.items() for s in samples]
-    keep, removed = balance_filter([s for _, s in entries], cfg, seed)
+    sources = list(curated.kept)
+    keep, removed = balance_filter([s for source in sources for s in curated.kept[source]], cfg, seed)
     curated.removed.update(removed)
-    for source in curated.kept:
-        curated.kept[source] = [s for (src, s), ok in zip(entries, keep) if ok and src == source]
+    _keep_only(curated, sources, keep)
 
 
 def _divide_plan(plan: dict[str, int], parts: int) -> list[dict[str, int]]:
