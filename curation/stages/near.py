@@ -63,6 +63,14 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a[None, :], b)).sum(axis=1).astype(np.int64)
 
 
+def lsh_index(signatures: np.ndarray, cfg: NearConfig) -> MinHashLSH:
+    """A MinHash LSH index of ``signatures`` ([N, num_perm] uint64), each under its row number."""
+    lsh = MinHashLSH(threshold=cfg.text_threshold, num_perm=cfg.num_perm)
+    for i, hashvalues in enumerate(signatures):
+        lsh.insert(i, MinHash(num_perm=cfg.num_perm, hashvalues=hashvalues, scheme=MINHASH_SCHEME))
+    return lsh
+
+
 def near_dedup(
     phashes: np.ndarray,
     thumbs: np.ndarray,
@@ -72,11 +80,14 @@ def near_dedup(
     cfg: NearConfig,
     show_progress: bool = False,
     reference: int = 0,
+    index: MinHashLSH | None = None,
 ) -> StageResult:
     """Remove near duplicates of earlier kept records.
 
     The first ``reference`` records are what is already there (the loop's pool and earlier rounds): each is
     indexed as it is, never tested and never removed, and every later record is tested against them too.
+    ``index``, when given, is :func:`lsh_index` of those ``reference`` rows, built once by a caller that tests
+    several batches against them; the kept records are added to it.
 
     phashes: [N, 3] uint64, the R/G/B pHashes of each record's first image (ignored where ``has_image`` is False);
     thumbs: [N, THUMB, THUMB, 3] uint8 box-filtered thumbnails of the same images;
@@ -88,15 +99,12 @@ def near_dedup(
         raise ValueError(f"near_dedup: {len(phashes)} hashes, {len(has_image)} flags, {len(signatures)} signatures, {n} ids")
     if not 0 <= reference <= n:
         raise ValueError(f"near_dedup: reference={reference} must be in [0, {n}] (the records given)")
-    lsh = MinHashLSH(threshold=cfg.text_threshold, num_perm=cfg.num_perm)
+    lsh = lsh_index(signatures[:reference], cfg) if index is None else index
     removed: dict[int, str] = {}
     near_of = np.full(n, -1, dtype=np.int64)
     pairs_checked = 0
-    for i in tqdm(range(n), desc="near: lsh", unit="rec", disable=not show_progress, leave=False):
+    for i in tqdm(range(reference, n), desc="near: lsh", unit="rec", disable=not show_progress, leave=False):
         signature = MinHash(num_perm=cfg.num_perm, hashvalues=signatures[i], scheme=MINHASH_SCHEME)
-        if i < reference:
-            lsh.insert(i, signature)
-            continue
         candidates = np.fromiter(lsh.query(signature), dtype=np.int64)
         if candidates.size:
             candidates.sort()  # earliest first, so the reason names the first matching record

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from datasketch import MinHashLSH
 from tqdm import tqdm
 
 from curation.config import BalanceConfig, NearConfig
@@ -112,12 +113,13 @@ def cached_near_features(samples: Sequence[Sample], cfg: NearConfig, directory: 
     return features
 
 
-def near_filter(features: NearFeatures, reference: NearFeatures, cfg: NearConfig) -> tuple[np.ndarray, Counter]:
+def near_filter(features: NearFeatures, reference: NearFeatures, cfg: NearConfig,
+                index: MinHashLSH | None = None) -> tuple[np.ndarray, Counter]:
     """Which of ``features``' samples survive near dedup against ``reference`` and each other: a keep mask and
-    the removal counts by reason."""
+    the removal counts by reason. ``index`` (``lsh_index`` of ``reference``, reused across calls) gains the kept."""
     both = NearFeatures.concat([reference, features])
     result = near_dedup(both.phashes, both.thumbs, both.has_image, both.signatures, both.ids, cfg,
-                        reference=len(reference))
+                        reference=len(reference), index=index)
     removed: Counter = Counter()
     keep = np.ones(len(features), bool)
     for index in result.removed:

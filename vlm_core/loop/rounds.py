@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from datasketch import MinHashLSH
 
 from curation.sources.world import Scene, WorldPaths, build_world, load_scenes
+from curation.stages.near import lsh_index
 from vlm_core.config import JobConfig
 from vlm_core.loop.analysis import analyse
 from vlm_core.loop.config import MetabolizeConfig, RoundBalanceConfig, SelfAugmentConfig
@@ -249,6 +251,8 @@ class Loop:
         seen = self.seen(k)
         reference = self.near_reference(k) if ccfg.near.enabled else None
         before = len(reference) if reference is not None else 0
+        # Indexed once per round; every pass tests against it and adds what it keeps.
+        index = lsh_index(reference.signatures, ccfg.near) if reference is not None else None
         curated = Curated()
         batches = dict(generated)
         drawn: dict[str, Scene] = {}  # the scene graphs of this round's new images, by path
@@ -269,7 +273,7 @@ class Loop:
             drawn.update((path, scene) for batch in batches.values() for path, scene in batch.scenes.items())
             passed = curate_increment([(f"r{k}_{name}", batch) for name, batch in batches.items()], seen, key_of)
             if reference is not None:
-                reference = self._near(passed, reference, external, k)
+                reference = self._near(passed, reference, index, external, k)
             curated.merge(passed)
         if ccfg.balance.enabled:
             _balance(curated, ccfg.balance, [ccfg.balance.seed, cfg.seed, k])
@@ -280,15 +284,20 @@ class Loop:
         self.write_scenes(folder, generated)
         return generated, curated
 
-    def _near(self, curated: Curated, reference: NearFeatures, external: list[str], k: int) -> NearFeatures:
-        """Near-dedup ``curated``'s new-image samples (in place); returns the reference grown by the kept ones."""
+    def _near(self, curated: Curated, reference: NearFeatures, index: MinHashLSH, external: list[str],
+              k: int) -> NearFeatures:
+        """Near-dedup ``curated``'s new-image samples (in place); returns the reference grown by this pass.
+
+        The removed samples stay in the returned arrays, so that row numbers match the keys of ``index``, which
+        holds only the kept ones (a removed row is never a candidate again).
+        """
         sources = [f"r{k}_{name}" for name in external if f"r{k}_{name}" in curated.kept]
         samples = [s for source in sources for s in curated.kept[source]]
         features = near_features(samples, self.cfg.curation.near, desc=f"round {k}: near features")
-        keep, removed = near_filter(features, reference, self.cfg.curation.near)
+        keep, removed = near_filter(features, reference, self.cfg.curation.near, index)
         curated.removed.update(removed)
         _keep_only(curated, sources, keep)
-        return NearFeatures.concat([reference, features.take(np.flatnonzero(keep))])
+        return NearFeatures.concat([reference, features])
 
     def near_reference(self, k: int) -> NearFeatures:
         """Near-dedup features of the pool (cached beside the world) and of every earlier round's kept new images."""

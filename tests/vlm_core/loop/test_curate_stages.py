@@ -11,6 +11,7 @@ import pytest
 
 from curation.config import NearConfig
 from curation.sources.world import WorldConfig
+from curation.stages.near import lsh_index
 from vlm_core.loop.config import RoundBalanceConfig, RoundCurationConfig, TeacherConfig
 from vlm_core.loop.curate_stages import (
     NearFeatures,
@@ -50,6 +51,33 @@ def test_near_filter_drops_reasked_pool_images_and_in_round_copies_only(tmp_path
     keep, removed = near_filter(near_features(increment, NEAR), reference, NEAR)
     assert keep.tolist() == [True] * len(fresh) + [False] * len(reasked) + [False]
     assert removed == Counter({"near duplicate of pool or earlier round": 5, "near duplicate within the round": 1})
+
+
+def test_a_reused_index_decides_as_a_rebuilt_one(tmp_path: Path) -> None:
+    """The loop indexes the reference once per round and tests several passes against it; the decisions must be
+    those of a reference rebuilt before each pass from the rows kept so far."""
+    pool = _teacher(tmp_path, "pool", {"color": 10, "count": 10}, seed=1).samples
+    fresh = _teacher(tmp_path, "p1", {"color": 8}, seed=2).samples
+    first = [_reask(pool[1], pool[1].turns[0].text.replace("?", " now?"), "p1-pool-copy")]  # row 0: removed
+    first += fresh + [_reask(fresh[0], fresh[0].turns[0].text.replace("?", " here?"), "p1-copy")]  # last: removed
+    second = [_reask(s, s.turns[0].text.replace("?", ", please?"), f"p2-{s.id}") for s in fresh[2:5]]
+    second += _teacher(tmp_path, "p2", {"count": 4}, seed=3).samples  # three re-asks of pass-1 rows, four new
+
+    reference = near_features(pool, NEAR)
+    rebuilt_reference, decisions_rebuilt = reference, []
+    index, reused_reference, decisions_reused = lsh_index(reference.signatures, NEAR), reference, []
+    for batch in (first, second):
+        features = near_features(batch, NEAR)
+        keep, removed = near_filter(features, rebuilt_reference, NEAR)
+        decisions_rebuilt.append((keep.tolist(), removed))
+        rebuilt_reference = NearFeatures.concat([rebuilt_reference, features.take(np.flatnonzero(keep))])
+        keep, removed = near_filter(features, reused_reference, NEAR, index)
+        decisions_reused.append((keep.tolist(), removed))
+        reused_reference = NearFeatures.concat([reused_reference, features])  # as the loop grows it
+    assert decisions_reused == decisions_rebuilt
+    assert decisions_rebuilt[0] == ([False] + [True] * 8 + [False], Counter(
+        {"near duplicate within the round": 1, "near duplicate of pool or earlier round": 1}))
+    assert decisions_rebuilt[1][0] == [False] * 3 + [True] * 4
 
 
 def test_near_filter_with_an_empty_reference_keeps_distinct_samples(tmp_path: Path) -> None:
