@@ -565,3 +565,29 @@ def test_png_encoding_is_deterministic(rng: np.random.Generator) -> None:
         render_scene(scene, cfg).save(buffer, format="PNG", compress_level=1)
         encoded.append(buffer.getvalue())
     assert encoded[0] == encoded[1]
+
+
+@pytest.mark.parametrize("noise", [0.1, 0.5])
+def test_caption_noise_swaps_the_captions_of_a_share_of_train_caption_records(noise: float) -> None:
+    base = dict(skills=["caption", "color"], train_per_skill=200, eval_per_skill=20)
+    clean = WorldGenerator(WorldConfig(**base))
+    noisy = WorldGenerator(WorldConfig(**base, caption_noise=noise))
+    before, after = clean.split("train"), noisy.split("train")
+    assert [r.scene for r in before] == [r.scene for r in after] and [r.id for r in before] == [r.id for r in after]
+    changed = [(b, a) for b, a in zip(before, after) if b.questions != a.questions]
+    assert len(changed) == round(noise * 200) and all(a.skill == "caption" and a.caption_from for _, a in changed)
+    donors = {r.id: r for r in before}
+    for _, a in changed:
+        assert a.questions[0].answer == donors[a.caption_from].questions[0].answer  # another scene's true caption
+        assert caption_f1(a.scene, a.questions[0].answer) < 1.0  # ... which does not describe this one
+    # No caption text is lost: the noisy records pass their captions round a cycle.
+    assert sorted(a.questions[0].answer for _, a in changed) == sorted(b.questions[0].answer for b, _ in changed)
+    assert noisy.split("eval") == clean.split("eval")  # held-out records are never noisy
+    assert [r.questions for r in WorldGenerator(WorldConfig(**base, caption_noise=noise)).split("train")] == \
+        [r.questions for r in after]  # deterministic
+
+
+@pytest.mark.parametrize("noise", [-0.1, 1.0])
+def test_caption_noise_outside_0_1_is_rejected(noise: float) -> None:
+    with pytest.raises(ValueError, match="caption_noise"):
+        WorldConfig(caption_noise=noise)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,13 @@ def test_config_hash_is_stable_and_sensitive() -> None:
     assert len(config_hash(tiny_config())) == 12
     assert config_hash(tiny_config()) != config_hash(tiny_config(word_prob=0.31))
     assert np.unique([config_hash(tiny_config(seed=s)) for s in range(20)]).size == 20
+    assert config_hash(tiny_config(caption_noise=0.2)) != config_hash(tiny_config())
+
+
+def test_clean_world_hash_predates_caption_noise() -> None:
+    # caption_noise was added after worlds were cached: at 0 it is left out, so a clean world keeps the key it
+    # had before (the payload of WORLD_CODE_VERSION 2 without the field).
+    cfg = tiny_config()
+    before = {k: v for k, v in asdict(cfg).items() if k != "caption_noise"}
+    payload = json.dumps({"config": before, "code_version": writer.WORLD_CODE_VERSION}, sort_keys=True)
+    assert config_hash(cfg) == hashlib.sha256(payload.encode()).hexdigest()[:12]

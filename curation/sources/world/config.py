@@ -50,6 +50,10 @@ class WorldConfig:
     # the image first again): 5 skills (existence, grounding, color, shape, spatial), 6000 records each, 2000
     # steps, "last" color/shape/existence/grounding 0.99/0.99/0.99/0.98, "first" 0.41/0.46/0.49/0.41.
     image_position: str = "last"
+    # Web-caption noise (the setting VILA²'s self-augmentation targets): this fraction of the training caption
+    # records carries the caption of another training scene instead of its own. The scene graph stays true,
+    # so verifiers and the loop still know what the image shows; held-out records are never noisy.
+    caption_noise: float = 0.0
     seed: int = 0  # training split seed
     eval_seed: int = 1_000_003  # held-out split seed; must differ from ``seed``
 
@@ -77,6 +81,8 @@ class WorldConfig:
             raise ValueError(f"data.world.train_scale: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
         if any(not 0 <= f < float("inf") for f in self.train_scale.values()):
             raise ValueError(f"data.world.train_scale={self.train_scale}: multipliers must be finite and >= 0")
+        if not 0.0 <= self.caption_noise < 1.0:
+            raise ValueError(f"data.world.caption_noise={self.caption_noise} must be in [0, 1): a share of the caption records")
         if not self.skills:
             raise ValueError("data.world.skills is empty; name at least one of " + ", ".join(SKILLS))
         for name in ("shapes", "colors", "sizes", "words"):

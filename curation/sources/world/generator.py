@@ -9,7 +9,7 @@ more count questions" and its first 100 are the same as a request for 100.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -58,6 +58,7 @@ class WorldRecord:
     scene: Scene
     questions: list[Question] = field(default_factory=list)
     split: str = "teacher"
+    caption_from: str = ""  # a noisy caption record: the id of the record whose caption it carries
 
     @property
     def n_objects(self) -> int:
@@ -160,6 +161,7 @@ class WorldGenerator:
                         turns=cfg.turns_per_record,
                     )
                 ]
+                records = with_caption_noise(records, cfg.caption_noise, cfg.seed)
             else:
                 train_keys = {record.scene.key() for record in self.split("train")}
                 records = [
@@ -171,3 +173,24 @@ class WorldGenerator:
                 ]
             self._splits[split] = records
         return list(self._splits[split])
+
+
+def with_caption_noise(records: list[WorldRecord], noise: float, seed: int) -> list[WorldRecord]:
+    """``records`` with round(noise x captions) caption records carrying another chosen record's caption.
+
+    The chosen records (drawn from ``seed``) pass their captions round a cycle, so every noisy caption
+    describes another scene of the split and no caption text is lost; scenes and ids are unchanged and
+    ``caption_from`` names the record whose caption was taken.
+    """
+    captions = [i for i, record in enumerate(records) if record.skill == "caption"]
+    count = round(noise * len(captions))
+    if count < 2:
+        return records
+    chosen = sorted(np.random.default_rng([seed, 7_919]).choice(captions, size=count, replace=False).tolist())
+    out = list(records)
+    for i, j in zip(chosen, chosen[1:] + chosen[:1]):
+        donor = records[j]
+        questions = [replace(q, answer=d.answer) for q, d in zip(records[i].questions, donor.questions)]
+        questions += records[i].questions[len(questions):]
+        out[i] = replace(records[i], questions=questions, caption_from=donor.id)
+    return out

@@ -71,7 +71,10 @@ class WorldPaths:
 
 def config_hash(cfg: WorldConfig) -> str:
     """A stable 12-hex-digit hash of the config and the code version: the cache key of a built world."""
-    payload = json.dumps({"config": asdict(cfg), "code_version": WORLD_CODE_VERSION}, sort_keys=True)
+    config = asdict(cfg)
+    if not config["caption_noise"]:
+        del config["caption_noise"]  # added later: a clean world keeps the hash it had before the field existed
+    payload = json.dumps({"config": config, "code_version": WORLD_CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -101,7 +104,8 @@ def to_llava(record: WorldRecord, image_rel_path: str, image_position: str = "fi
         "image": image_rel_path,
         "conversations": conversations,
         "skill": record.skill,
-        "meta": {"questions": [question.meta for question in record.questions], "n_objects": record.n_objects},
+        "meta": {"questions": [question.meta for question in record.questions], "n_objects": record.n_objects,
+                 **({"caption_from": record.caption_from} if record.caption_from else {})},
     }
 
 
