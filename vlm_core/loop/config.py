@@ -57,8 +57,11 @@ class SelfAugmentConfig:
     """VILA²'s self-augment: the current model recaptions pool images; a verifier keeps the faithful captions."""
 
     images: int = 200  # pool caption images recaptioned per round
-    min_f1: float = 0.8  # object F1 against the scene graph a new caption needs
+    min_f1: float = 0.8  # object F1 against the scene graph a caption needs to join the pool as a new sample
     max_hallucinations: int = 0  # objects/attributes not in the scene graph a kept caption may name
+    # A faithful recaption (within max_hallucinations) that scores higher than the pool's caption of the image
+    # replaces it even below min_f1: the pool's caption was worse. False: replacements need min_f1 too.
+    replace_if_better: bool = True
     batch_size: int = 64
     max_new_tokens: int = 72
 

@@ -135,9 +135,11 @@ def verify_caption(scene: Scene, caption: str, cfg: SelfAugmentConfig) -> bool:
 class SelfAugment:
     """VILA²: the current model recaptions pool images; verified captions become new training samples.
 
-    A verified caption replaces the pool's caption of that image when it scores higher against the scene
-    graph (``meta["replaces"]`` names the pool sample; the curation step drops it). On the clean world the
-    pool's captions are exact, so nothing is replaced there and the verified recaptions are added.
+    A faithful caption (nothing invented beyond ``max_hallucinations``) replaces the pool's caption of that
+    image when it scores higher against the scene graph, even below ``min_f1`` unless ``replace_if_better``
+    is off (``meta["replaces"]`` names the pool sample; the curation step drops it). Other captions join only
+    if verified (``min_f1``). On the clean world the pool's captions are exact, so nothing is replaced there;
+    with ``data.world.caption_noise`` the noisy ones are what gets replaced.
     """
 
     name = "self_augment"
@@ -152,12 +154,17 @@ class SelfAugment:
         samples, scenes, rejected = [], {}, 0
         for sample, caption in zip(chosen, captions):
             scene = scene_of(sample)
-            if scene is None or not caption or not verify_caption(scene, caption, self.cfg):
+            if scene is None or not caption:
                 rejected += 1
                 continue
-            old = caption_f1(scene, sample.turns[-1].text)
-            meta = {**sample.meta, "recaptioned_from": sample.id, "verifier_f1": caption_f1(scene, caption)}
-            if caption_f1(scene, caption) > old:
+            f1, old = caption_f1(scene, caption), caption_f1(scene, sample.turns[-1].text)
+            faithful = len(caption_hallucinations(scene, caption)) <= self.cfg.max_hallucinations
+            better = faithful and f1 > old and (self.cfg.replace_if_better or f1 >= self.cfg.min_f1)
+            if not (better or verify_caption(scene, caption, self.cfg)):
+                rejected += 1
+                continue
+            meta = {**sample.meta, "recaptioned_from": sample.id, "verifier_f1": f1}
+            if better:
                 meta["replaces"] = sample.id
             turns = (*sample.turns[:-1], Turn("assistant", caption))
             samples.append(Sample(id=f"r{round_index}-recap-{sample.id}", source=source,

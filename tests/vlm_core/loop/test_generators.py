@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from curation.sources.world import WorldConfig, caption_text, check_answer
+from curation.sources.world import WorldConfig, caption_f1, caption_text, check_answer
 from curation.sources.world.generator import WorldGenerator
 from vlm_core.loop.config import SelfAugmentConfig, TeacherConfig
 from vlm_core.loop.generators import SelfAugment, WorldTeacher, verify_caption
 from vlm_core.loop.rounds import _divide_plan
+from vlm_core.types import Turn
 
 WORLD = WorldConfig(train_per_skill=4, eval_per_skill=3)
 
@@ -77,3 +79,33 @@ def test_self_augment_keeps_only_verified_captions(tmp_path: Path) -> None:
     for sample in dropped.samples:
         assert verify_caption(scene_of[str(sample.image_paths[0])], sample.turns[-1].text, cfg)
     assert dropped.rejected["caption"] + len(dropped.samples) == 5 and dropped.rejected["caption"] >= 3
+
+
+@pytest.mark.parametrize("replace_if_better", [True, False])
+def test_self_augment_replaces_noisy_pool_captions_with_better_faithful_ones(tmp_path: Path,
+                                                                              replace_if_better: bool) -> None:
+    teacher = WorldTeacher(WORLD, TeacherConfig(), tmp_path, frozenset())
+    generated = teacher.generate({"caption": 6}, seed=5, split="train", source="world")
+    pool = generated.samples
+
+    def scene(sample):
+        return generated.scenes[str(sample.image_paths[0])]
+
+    # Web-caption noise: every pool caption describes the next image's scene.
+    noisy = [replace(s, turns=(*s.turns[:-1], Turn("assistant", caption_text(scene(pool[(i + 1) % 6])))))
+             for i, s in enumerate(pool)]
+
+    def first_phrase_only(samples):  # faithful but incomplete: names one object of the scene
+        return [caption_text(scene(s)).split(", ")[0].rstrip(".") + "." for s in samples]
+
+    cfg = SelfAugmentConfig(images=6, min_f1=0.8, replace_if_better=replace_if_better)
+    out = SelfAugment(cfg, first_phrase_only).generate(noisy, scene, "r1_sa", 1)
+    improvable = [s for s in noisy if caption_f1(scene(s), first_phrase_only([s])[0])
+                  > caption_f1(scene(s), s.turns[-1].text)]
+    assert improvable, "the fixture needs noisy captions a one-phrase caption beats"
+    if replace_if_better:  # each better faithful caption replaces its noisy one, below min_f1 too
+        assert sorted(s.meta["replaces"] for s in out.samples) == sorted(s.id for s in improvable)
+    else:  # only captions that pass min_f1 may replace; one phrase of a multi-object scene does not
+        assert all(caption_f1(scene(s), s.turns[-1].text) >= 0.8 for s in out.samples)
+        assert len(out.samples) < len(improvable) or all(len(scene(s).shapes) == 1 for s in improvable)
+    assert out.rejected.get("caption", 0) + len(out.samples) == 6
