@@ -56,7 +56,7 @@ class TeacherConfig:
 class SelfAugmentConfig:
     """VILA²'s self-augment: the current model recaptions pool images; a verifier keeps the faithful captions."""
 
-    images: int = 200  # pool caption images recaptioned per round
+    images: int = 200  # pool caption images recaptioned per round, each round the next ones (wrapping around)
     min_f1: float = 0.8  # object F1 against the scene graph a caption needs to join the pool as a new sample
     max_hallucinations: int = 0  # objects/attributes not in the scene graph a kept caption may name
     # A faithful recaption (within max_hallucinations) that scores higher than the pool's caption of the image
@@ -64,6 +64,17 @@ class SelfAugmentConfig:
     replace_if_better: bool = True
     batch_size: int = 64
     max_new_tokens: int = 72
+
+    def __post_init__(self) -> None:
+        if self.images < 0:
+            raise ValueError(f"self_augment.images={self.images} must be >= 0 (0 = recaption nothing)")
+        if not 0.0 <= self.min_f1 <= 1.0:
+            raise ValueError(f"self_augment.min_f1={self.min_f1} must be in [0, 1] (an object F1)")
+        if self.max_hallucinations < 0:
+            raise ValueError(f"self_augment.max_hallucinations={self.max_hallucinations} must be >= 0")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"self_augment.batch_size={self.batch_size} and max_new_tokens={self.max_new_tokens} "
+                             "must be >= 1")
 
 
 @dataclass

@@ -132,8 +132,26 @@ def verify_caption(scene: Scene, caption: str, cfg: SelfAugmentConfig) -> bool:
     return caption_f1(scene, caption) >= cfg.min_f1 and len(caption_hallucinations(scene, caption)) <= cfg.max_hallucinations
 
 
+def caption_window(pool: Sequence[Sample], images: int, round_index: int) -> list[Sample]:
+    """Round k's share of the pool's caption images: the next ``images`` after round k-1's, wrapping around.
+
+    Successive rounds walk the pool, so over rounds every caption image is recaptioned (VILA² recaptions the
+    whole pretraining set); with ``images`` at least the pool's caption count, every round takes all of them.
+    """
+    captions = [s for s in pool if s.skill == "caption"]
+    if not captions or images <= 0:
+        return []
+    if images >= len(captions):
+        return captions
+    start = (max(round_index, 1) - 1) * images % len(captions)
+    return [captions[(start + i) % len(captions)] for i in range(images)]
+
+
 class SelfAugment:
     """VILA²: the current model recaptions pool images; verified captions become new training samples.
+
+    Round k recaptions ``images`` caption images of the pool, continuing where round k-1 stopped
+    (:func:`caption_window`).
 
     A faithful caption (nothing invented beyond ``max_hallucinations``) replaces the pool's caption of that
     image when it scores higher against the scene graph, even below ``min_f1`` unless ``replace_if_better``
@@ -149,7 +167,7 @@ class SelfAugment:
 
     def generate(self, pool: Sequence[Sample], scene_of: Callable[[Sample], Scene | None], source: str,
                  round_index: int) -> Generated:
-        chosen = [s for s in pool if s.skill == "caption"][: self.cfg.images]
+        chosen = caption_window(pool, self.cfg.images, round_index)
         captions = self.answer(chosen) if chosen else []
         samples, scenes, rejected = [], {}, 0
         for sample, caption in zip(chosen, captions):

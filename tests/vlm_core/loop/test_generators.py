@@ -10,7 +10,7 @@ import pytest
 from curation.sources.world import WorldConfig, caption_f1, caption_text, check_answer
 from curation.sources.world.generator import WorldGenerator
 from vlm_core.loop.config import SelfAugmentConfig, TeacherConfig
-from vlm_core.loop.generators import SelfAugment, WorldTeacher, verify_caption
+from vlm_core.loop.generators import SelfAugment, WorldTeacher, caption_window, verify_caption
 from vlm_core.loop.rounds import _divide_plan
 from vlm_core.types import Turn
 
@@ -109,3 +109,23 @@ def test_self_augment_replaces_noisy_pool_captions_with_better_faithful_ones(tmp
         assert all(caption_f1(scene(s), s.turns[-1].text) >= 0.8 for s in out.samples)
         assert len(out.samples) < len(improvable) or all(len(scene(s).shapes) == 1 for s in improvable)
     assert out.rejected.get("caption", 0) + len(out.samples) == 6
+
+
+def test_self_augment_walks_the_pool_round_after_round(tmp_path: Path) -> None:
+    teacher = WorldTeacher(WORLD, TeacherConfig(), tmp_path, frozenset())
+    pool = teacher.generate({"caption": 5, "color": 2}, seed=7, split="train", source="world").samples
+    captions = [s.id for s in pool if s.skill == "caption"]
+    windows = [[s.id for s in caption_window(pool, 2, k)] for k in (1, 2, 3, 4)]
+    assert windows == [captions[0:2], captions[2:4], [captions[4], captions[0]], captions[1:3]]
+    assert [s.id for s in caption_window(pool, 9, 3)] == captions  # more than the pool has: all of them
+    assert caption_window(pool, 0, 1) == [] and caption_window([s for s in pool if s.skill == "color"], 3, 1) == []
+    seen: list[str] = []
+    out = SelfAugment(SelfAugmentConfig(images=2), lambda samples: seen.extend(s.id for s in samples) or [""] * len(samples))
+    out.generate(pool, lambda s: None, "r2_sa", 2)
+    assert seen == captions[2:4]
+
+
+@pytest.mark.parametrize("field, value", [("images", -1), ("min_f1", 1.5), ("max_hallucinations", -1), ("batch_size", 0)])
+def test_self_augment_config_rejects_bad_values(field: str, value) -> None:
+    with pytest.raises(ValueError, match=f"self_augment.{field}"):
+        SelfAugmentConfig(**{field: value})
