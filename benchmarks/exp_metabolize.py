@@ -84,7 +84,31 @@ def plot(histories: dict[tuple[str, int], list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name: str) -> str:
+def halluc_table(histories: dict[tuple[str, int], list[dict]]) -> list[str]:
+    """Caption hallucination rate per round: one row per run, then the mean over seeds of each strategy."""
+    n_rounds = max(len(h) for h in histories.values())
+    head = ["| strategy | seed | " + " | ".join(f"round {k}" for k in range(n_rounds)) + " |",
+            "|---|---|" + "---|" * n_rounds]
+
+    def cells(values: list[float | None]) -> str:
+        return " | ".join("-" if v is None else f"{v:.3f}" for v in values)
+
+    lines = ["## Caption hallucination rate per round", "", *head]
+    for (strategy, seed), h in sorted(histories.items(), key=lambda kv: (STRATEGIES.index(kv[0][0]), kv[0][1])):
+        lines.append(f"| {strategy} | {seed} | {cells([r.get('caption_hallucination_rate') for r in h])} |")
+    for strategy in STRATEGIES:
+        runs = [h for (s, _), h in histories.items() if s == strategy]
+        if runs:
+            means = []
+            for k in range(n_rounds):
+                values = [h[k].get("caption_hallucination_rate") for h in runs if k < len(h)]
+                means.append(None if not values or None in values else sum(values) / len(values))
+            lines.append(f"| **{strategy}** | mean | {cells(means)} |")
+    return lines + [""]
+
+
+def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name: str,
+           histories: dict[tuple[str, int], list[dict]] | None = None) -> str:
     by = {s: [r for r in rows if r["strategy"] == s] for s in STRATEGIES}
 
     def mean(strategy: str, key: str) -> float:
@@ -116,6 +140,8 @@ def render(rows: list[dict], args: argparse.Namespace, wall_s: float, plot_name:
                   f"points, mean {100 * (mean('adaptive', 'mean_final') - mean('uniform', 'mean_final')):+.1f} points "
                   "(the issue's bar: ≥ +10 and ≥ +3).")]
     lines += ["", f"![per-skill accuracy over rounds]({plot_name})", ""]
+    if histories:
+        lines += halluc_table(histories)
     return "\n".join(lines)
 
 
@@ -151,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.results.mkdir(parents=True, exist_ok=True)
     plot_name = f"metabolize_{args.label}.png"
     plot(histories, args.results / plot_name)
-    text = render(rows, args, time.perf_counter() - started, plot_name)
+    text = render(rows, args, time.perf_counter() - started, plot_name, histories)
     (args.results / f"metabolize_{args.label}.md").write_text(text)
     (args.results / f"metabolize_{args.label}.json").write_text(json.dumps(rows, indent=1))
     print(text)

@@ -25,6 +25,9 @@ def test_smoke_arms_share_round0_and_a_longer_run_resumes(tmp_path):
     assert "- command: `python benchmarks/exp_metabolize.py --smoke" in text and "- date:" in text
     assert "| adaptive | 0 |" in text and "| none | 0 |" in text
     assert (tmp_path / "results" / "metabolize_one.png").stat().st_size > 0
+    assert "## Caption hallucination rate per round" in text and "| **none** | mean |" in text
+    halluc = json.loads((tmp_path / "work" / "smoke" / "seed0" / "none" / "rounds.json").read_text())
+    assert f"| none | 0 | {halluc[0]['caption_hallucination_rate']:.3f} | {halluc[1]['caption_hallucination_rate']:.3f} |" in text
 
     arm = tmp_path / "work" / "smoke" / "seed0" / "adaptive"
     done = (arm / "round-1" / "DONE").stat().st_mtime_ns
