@@ -76,8 +76,12 @@ def plot(histories: dict[tuple[str, int], list[dict]], path: Path) -> None:
                     marker="o", label=skill)
         ax.plot(rounds, [sum(h[k]["overall"] for h in runs) / len(runs) for k in range(len(rounds))],
                 color="black", linestyle="--", label="mean")
+        halluc = [[h[k].get("caption_hallucination_rate") for h in runs] for k in range(len(rounds))]
+        if all(v is not None for row in halluc for v in row):
+            ax.plot(rounds, [sum(row) / len(row) for row in halluc], color="red", linestyle=":", marker="x",
+                    label="caption halluc. rate")
         ax.set(title=f"{strategy} ({len(runs)} seeds)", xlabel="round", xticks=rounds, ylim=(0, 1.02))
-    axes[0][0].set_ylabel("held-out accuracy (mean over seeds)")
+    axes[0][0].set_ylabel("held-out accuracy / rate (mean over seeds)")
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
