@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test clean-cache
+.PHONY: setup train test cuda-check clean-cache
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Compile and link csrc/'s CUDA part without a GPU: nvcc and the CUDA torch headers come from PyPI into
+# ~/.cache/vlm-data-metabolism/cuda-build-check (about 330 MB); tests/scripts runs the same check.
+cuda-check: setup
+	$(BIN)/python scripts/cuda_build_check.py $(ARGS)
 
 clean-cache:
 	rm -rf ~/.cache/vlm-data-metabolism

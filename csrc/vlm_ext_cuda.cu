@@ -1,7 +1,7 @@
 // CUDA implementations of the ops declared in vlm_ext.cpp (registered for the CUDA dispatch key).
 //
-// Compiled only by setup.py where torch is a CUDA build and nvcc is found (it then defines
-// VLM_EXT_WITH_CUDA for both files). Same contracts and errors as the CPU twins; tests compare both
+// Compiled by setup.py where torch is a CUDA build and nvcc is found (it then defines
+// VLM_EXT_WITH_CUDA for both files), and compile-checked without a GPU by scripts/cuda_build_check.py. Same contracts and errors as the CPU twins; tests compare both
 // with the Python references in vlm_core/kernels/ext.py (the CUDA cases skip without a GPU).
 //
 // packed_metadata: cu_seqlens and the running count of image tokens are inclusive scans (at::cumsum);
@@ -13,9 +13,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that pulls in cuBLAS, cuSPARSE and cuSOLVER headers
 #include <torch/library.h>
 
 #include <tuple>
@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_metadata_cuda(const at::Te
   if (total == 0) return {cu_seqlens, position_ids, bidir_group};
   const at::Tensor image_count = at::cumsum(input_ids == image_token_id, 0);  // int64, inclusive
   at::Tensor first_error = at::full({1}, total, input_ids.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   packed_metadata_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
       input_ids.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(), segments, image_count.data_ptr<int64_t>(), total,
       image_token_id, tokens_per_image, position_ids.data_ptr<int64_t>(), bidir_group.data_ptr<int32_t>(),
@@ -133,7 +133,7 @@ at::Tensor& scatter_rows_cuda(at::Tensor& dst, const at::Tensor& rows_in, const 
   const at::Tensor src = src_in.contiguous();
   const int64_t count = rows.numel(), width = dst.size(1);
   if (count == 0 || width == 0) return dst;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "scatter_rows_", [&] {
     scatter_rows_kernel<scalar_t><<<blocks_for(count * width), kThreads, 0, stream>>>(
         dst.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), src.data_ptr<scalar_t>(), count, width, dst.size(0));
@@ -150,7 +150,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& src_in, const at::Tensor& rows_in)
   const int64_t count = rows.numel(), width = src.size(1);
   at::Tensor out = at::empty({count, width}, src.options());
   if (count == 0 || width == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_rows", [&] {
     gather_rows_kernel<scalar_t><<<blocks_for(count * width), kThreads, 0, stream>>>(
         src.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), count, width, src.size(0));
