@@ -578,11 +578,13 @@ _HELPERS = (
 )
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by triton.autotune on a GPU, for Hopper
-# (H100/H200); configs that do not fit in shared memory are skipped by the autotuner. Chosen by
-# compiling for sm_90 with triton 3.6 and reading ptxas's register and spill counts, not yet by
-# timing on a GPU. For dK/dV, BLOCK_N is the key tile whose dK, dV accumulate in registers and
-# BLOCK_M the query tile; that kernel runs out of registers (a few hundred bytes of spills)
-# unless it has 8 warps.
+# (H100/H200); configs that do not fit in shared memory are skipped by the autotuner (one does not:
+# dQ at 128x128, 8 warps, 3 stages needs 257 KiB for Dh > 64). Chosen by compiling for sm_90 and
+# reading registers and spills (benchmarks/triton_compile.py -> benchmarks/results/triton_compile_sm90.md),
+# not yet by timing on a GPU. For dK/dV, BLOCK_N is the key tile whose dK, dV accumulate in registers
+# and BLOCK_M the query tile; that kernel spills with 4 warps. At Dh 96/128 most configs spill (255
+# registers and a stack frame); the last entries of each list are there because they do not: forward
+# (128, 64, 8, 2) and (64, 64, 8, 3), dK/dV (32, 64, 8, 2), (32, 128, 8, 2) and (16, 64, 8, 3).
 _GPU_FWD_CONFIGS = (
     (128, 64, 4, 3),
     (128, 64, 8, 3),
@@ -592,7 +594,10 @@ _GPU_FWD_CONFIGS = (
     (64, 64, 4, 3),
     (64, 128, 4, 3),
     (64, 64, 4, 4),
+    (128, 64, 8, 2),
+    (64, 64, 8, 3),
 )
+_DQ_TOO_BIG_FOR_WIDE_HEADS = ((128, 128, 8, 3),)  # 257 KiB of shared memory at BLOCK_D 128; sm_90 has 227
 _GPU_DKDV_CONFIGS = (
     (32, 128, 8, 3),
     (32, 64, 8, 3),
@@ -601,6 +606,9 @@ _GPU_DKDV_CONFIGS = (
     (16, 128, 8, 3),
     (64, 64, 4, 3),
     (32, 128, 4, 3),
+    (32, 64, 8, 2),
+    (32, 128, 8, 2),
+    (16, 64, 8, 3),
 )
 # float32 on a GPU multiplies exactly ("ieee"), on CUDA cores, with every operand in registers:
 # only small tiles stay (nearly) free of spills. A fallback for debugging, not a fast path.
@@ -634,7 +642,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             {"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages
         )
 
-    def tuned(fn, half_configs, fp32_configs):
+    def tuned(fn, half_configs, fp32_configs, too_big_for_wide_heads=()):
         if interpret:
             return triton.autotune([config(*_INTERPRETER_CONFIG)], key=_AUTOTUNE_KEY)(
                 jit(fn)
@@ -644,6 +652,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             wanted = (
                 fp32_configs if named_args["Q"].dtype == torch.float32 else half_configs
             )
+            if kwargs.get("BLOCK_D", 0) > 64:
+                wanted = [c for c in wanted if c not in too_big_for_wide_heads]
             return [
                 c
                 for c in configs
@@ -660,6 +670,6 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         forward=tuned(_fwd_kernel, _GPU_FWD_CONFIGS, _GPU_FWD_FP32_CONFIGS),
         preprocess=jit(_bwd_preprocess_kernel),
-        dq=tuned(_bwd_dq_kernel, _GPU_FWD_CONFIGS, _GPU_FWD_FP32_CONFIGS),
+        dq=tuned(_bwd_dq_kernel, _GPU_FWD_CONFIGS, _GPU_FWD_FP32_CONFIGS, _DQ_TOO_BIG_FOR_WIDE_HEADS),
         dkdv=tuned(_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS, _GPU_DKDV_FP32_CONFIGS),
     )

@@ -1,0 +1,422 @@
+"""Compile every Triton kernel for a GPU architecture without a GPU, and report what each config costs.
+
+The CPU tests run the kernels in Triton's interpreter, which never lowers them to PTX: a kernel can pass
+there and still fail to compile for a GPU, need more shared memory than the GPU has, or spill registers.
+This script runs each op's own launch code (its wrappers, at the shapes given below) with the kernels
+swapped for recorders, so that it sees exactly the arguments, constexprs and launch options a real run
+passes; then it compiles every launch for ``--arch`` with ``triton.compile`` (every autotune config that
+survives the op's own pruning for that dtype) and reads the cubin's resources with the cuobjdump that
+ships with Triton. Nothing runs on a device.
+
+Per compiled config: registers per thread, stack bytes (in these kernels, where every helper is inlined,
+a stack frame means spilled registers), dynamic shared memory, and whether it fits the architecture's
+limits (sm_90: 227 KiB of shared memory per block, 255 registers per thread, 64K registers per SM).
+A config that fails to compile or does not fit makes the exit status 1.
+
+    TRITON_INTERPRET=0 python benchmarks/triton_compile.py                  # sm_90, all ops, bf16 + fp16
+    TRITON_INTERPRET=0 python benchmarks/triton_compile.py --quick          # first config of each launch
+    TRITON_INTERPRET=0 python benchmarks/triton_compile.py --arch 80 --ops attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+           torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+# Per-block limits by compute capability: (shared memory bytes a block may opt into, registers per thread,
+# registers per SM). CUDA C Programming Guide, "Technical Specifications per Compute Capability".
+LIMITS = {80: (166912, 255, 65536), 86: (101376, 255, 65536), 89: (101376, 255, 65536),
+          90: (232448, 255, 65536), 100: (232448, 255, 65536)}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as an op's wrapper made it: the kernel object (JITFunction or Autotuner) and its arguments."""
+
+    op: str
+    case: str
+    name: str
+    kernel: object
+    args: tuple
+    kwargs: dict
+
+
+@dataclasses.dataclass
+class Compiled:
+    op: str
+    case: str
+    kernel: str
+    config: str
+    ok: bool
+    registers: int = 0
+    stack_bytes: int = 0
+    local_bytes: int = 0
+    shared_bytes: int = 0
+    num_warps: int = 0
+    seconds: float = 0.0
+    problem: str = ""
+
+
+class _Recorder:
+    def __init__(self, op: str, case: str, name: str, kernel: object, sink: list[Launch]):
+        self.op, self.case, self.name, self.kernel, self.sink = op, case, name, kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(Launch(self.op, self.case, self.name, self.kernel, args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording(module, kernels_module, op: str, case: str, sink: list[Launch]) -> Iterator[None]:
+    """Swap ``module._kernels`` (the GPU-mode kernels of ``kernels_module``) for recorders while the block runs."""
+    import types
+
+    real = kernels_module._kernels(False)
+    fake = types.SimpleNamespace(**{n: _Recorder(op, case, n, k, sink) for n, k in vars(real).items()})
+    saved = module._kernels
+    module._kernels = lambda interpret: fake
+    try:
+        yield
+    finally:
+        module._kernels = saved
+
+
+# --------------------------------------------------------------------------------------------
+# The ops' launch code at real shapes (CPU tensors; only shapes, dtypes and strides matter)
+# --------------------------------------------------------------------------------------------
+
+
+def _attention(dtype: torch.dtype, head_dim: int, sink: list[Launch]) -> None:
+    from vlm_core.kernels import packed_attention_kernels as pak
+    from vlm_core.kernels import packed_attention_triton as pat
+
+    total, hq, hkv = 4096, 16, 4  # GQA 4:1; two samples, an image span in the first
+    q = torch.empty(total, hq, head_dim, dtype=dtype)
+    k, v = torch.empty(total, hkv, head_dim, dtype=dtype), torch.empty(total, hkv, head_dim, dtype=dtype)
+    cu_seqlens = torch.tensor([0, 2048, total], dtype=torch.int32)
+    bidir = torch.zeros(total, dtype=torch.int32)
+    bidir[100:676] = 1
+    windows = pat.packed_attention_windows(cu_seqlens, bidir, total)
+    with recording(pat, pak, "attention", f"{_DTYPES[dtype]} Dh={head_dim}", sink):
+        out, lse = pat._forward(q, k, v, windows, 0.125, 2048)
+        pat._backward(torch.empty_like(q), q, k, v, out, lse, windows, 0.125, 2048)
+
+
+def _rmsnorm(dtype: torch.dtype, dim: int, sink: list[Launch]) -> None:
+    from vlm_core.kernels import rmsnorm
+
+    x, w = torch.empty(64, dim, dtype=dtype), torch.empty(dim, dtype=dtype)
+    with recording(rmsnorm, rmsnorm, "rmsnorm", f"{_DTYPES[dtype]} D={dim}", sink):
+        _, rstd = rmsnorm._forward(x, w, 1e-6)
+        rmsnorm._backward(torch.empty_like(x), x, w, rstd)
+
+
+def _swiglu(dtype: torch.dtype, sink: list[Launch]) -> None:
+    from vlm_core.kernels import swiglu
+
+    gate = torch.zeros(64, 4096, dtype=dtype, requires_grad=True)
+    up = torch.zeros(64, 4096, dtype=dtype, requires_grad=True)
+    with recording(swiglu, swiglu, "swiglu", f"{_DTYPES[dtype]} H=4096", sink):
+        swiglu._SwiGLUFunction.apply(gate, up).float().sum().backward()
+
+
+def _rope(dtype: torch.dtype, head_dim: int, sink: list[Launch]) -> None:
+    from vlm_core.kernels import rope
+
+    q, k = torch.empty(256, 16, head_dim, dtype=dtype), torch.empty(256, 4, head_dim, dtype=dtype)
+    cos = torch.empty(4096, head_dim // 2, dtype=torch.float32)
+    positions = torch.zeros(256, dtype=torch.int64)
+    with recording(rope, rope, "rope", f"{_DTYPES[dtype]} Dh={head_dim}", sink):
+        rope._launch(q, k, q, k, cos, cos, positions, backward=False)
+        rope._launch(q, k, torch.empty_like(q), torch.empty_like(k), cos, cos, positions, backward=True)
+
+
+def _projector(dtype: torch.dtype, sink: list[Launch]) -> None:
+    from vlm_core.kernels import fused_projector as fp
+
+    m, dim_v, dim_h, dim = 2304, 1024, 4096, 4096  # 4 images of 576 patches; CLIP-L width into a 4096 decoder
+    embeds = torch.empty(8192, dim, dtype=dtype)
+    x = torch.empty(m, dim_v, dtype=dtype)
+    rows = torch.arange(m, dtype=torch.int64)
+    w1, b1 = torch.empty(dim_h, dim_v, dtype=dtype), torch.empty(dim_h, dtype=dtype)
+    w2, b2 = torch.empty(dim, dim_h, dtype=dtype), torch.empty(dim, dtype=dtype)
+    with recording(fp, fp, "projector", f"{_DTYPES[dtype]} {m}x{dim_v}->{dim_h}->{dim}", sink):
+        pre = fp._forward(embeds, x, rows, w1, b1, w2, b2)
+        fp._backward(embeds, x, rows, w1, w2, pre, (True,) * 5)
+
+
+def _linear_cross_entropy(dtype: torch.dtype, sink: list[Launch]) -> None:
+    from vlm_core.kernels import linear_cross_entropy as lce
+
+    hidden, weight = torch.zeros(8, 64, dtype=dtype), torch.zeros(32000, 64, dtype=dtype)
+    labels = torch.zeros(8, dtype=torch.int64)
+    with recording(lce, lce, "linear_cross_entropy", f"{_DTYPES[dtype]} V=32000", sink):
+        lce._chunked_forward(hidden, weight, labels, None, -100, 8, True, True)
+
+
+def cases(ops: list[str], dtypes: list[torch.dtype], head_dims: list[int]) -> list[Callable[[list[Launch]], None]]:
+    """The launch drivers to run: one per (op, dtype, size)."""
+    out: list[Callable[[list[Launch]], None]] = []
+    for dtype in dtypes:
+        if "attention" in ops:
+            out += [lambda s, d=dtype, h=h: _attention(d, h, s) for h in head_dims]
+        if "rmsnorm" in ops:
+            out += [lambda s, d=dtype, n=n: _rmsnorm(d, n, s) for n in (1024, 4096, 8192)]
+        if "swiglu" in ops:
+            out.append(lambda s, d=dtype: _swiglu(d, s))
+        if "rope" in ops:
+            out += [lambda s, d=dtype, h=h: _rope(d, h, s) for h in head_dims]
+        if "projector" in ops:
+            out.append(lambda s, d=dtype: _projector(d, s))
+        if "linear_cross_entropy" in ops:
+            out.append(lambda s, d=dtype: _linear_cross_entropy(d, s))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling a launch
+# --------------------------------------------------------------------------------------------
+
+
+_PROJECTOR_KINDS = ("fwd_gelu", "fwd_scatter", "bwd_dact", "bwd_dw2", "bwd_dw1", "bwd_dx")  # fused_projector's order
+
+
+def kernel_label(launch: Launch) -> str:
+    """The kernel's name, plus which of its variants this launch is where one kernel serves several."""
+    if launch.name == "matmul":  # fused_projector: the 6th positional argument is the GEMM's kind
+        return f"matmul {_PROJECTOR_KINDS[launch.args[11]]}"
+    if launch.name == "rope":
+        return "rope bwd" if launch.kwargs.get("BACKWARD") else "rope fwd"
+    return launch.name
+
+
+def _configs(launch: Launch) -> list:
+    """The autotune configs this launch would try (after the op's own pruning), or [None] for a plain kernel."""
+    configs = getattr(launch.kernel, "configs", None)
+    if configs is None:
+        return [None]
+    prune = getattr(launch.kernel, "early_config_prune", None)
+    if prune is not None:
+        names = [p.name for p in launch.kernel.fn.params]
+        named = dict(zip(names, launch.args)) | launch.kwargs
+        configs = prune(configs, named, **launch.kwargs)
+    return list(configs)
+
+
+def signature(jit, values: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compile`` as Triton's launcher would specialize ``values``:
+    pointers and ints divisible by 16 get the divisibility hint, an int equal to 1 becomes a constant."""
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(jit.params):
+        if p.name not in values:
+            raise ValueError(f"{jit.fn.__name__}: no value for parameter {p.name!r}")
+        value = values[p.name]
+        if p.is_constexpr or value is None or isinstance(value, str):
+            sig[p.name], consts[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[p.name] = "*" + _DTYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            sig[p.name] = "i1"
+        elif isinstance(value, int):
+            if value == 1 and not p.do_not_specialize:
+                sig[p.name], consts[p.name] = "constexpr", 1
+            else:
+                sig[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0 and not p.do_not_specialize:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{jit.fn.__name__}: parameter {p.name!r} has a {type(value).__name__} value")
+    return sig, consts, attrs
+
+
+_RESOURCE = re.compile(r"REG:(?P<reg>\d+) STACK:(?P<stack>\d+) SHARED:(?P<shared>\d+) LOCAL:(?P<local>\d+)")
+
+
+def parse_resource_usage(text: str) -> dict[str, int]:
+    """REG/STACK/SHARED/LOCAL of the one function in ``cuobjdump --dump-resource-usage`` output."""
+    found = _RESOURCE.findall(text)
+    if len(found) != 1:
+        raise ValueError(f"expected one function's resource line in cuobjdump's output, found {len(found)}:\n{text}")
+    reg, stack, shared, local = (int(x) for x in found[0])
+    return {"registers": reg, "stack_bytes": stack, "static_shared": shared, "local_bytes": local}
+
+
+def compile_launch(launch: Launch, config, arch: int) -> Compiled:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = launch.kernel.fn if getattr(launch.kernel, "configs", None) is not None else launch.kernel
+    names = [p.name for p in jit.params]
+    values = dict(zip(names, launch.args)) | {k: v for k, v in launch.kwargs.items() if k not in _LAUNCH_OPTIONS}
+    options = {k: v for k, v in launch.kwargs.items() if k in _LAUNCH_OPTIONS}
+    if config is not None:
+        values |= config.kwargs
+        options |= {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    values = {k: (False if k == "INTERPRET_BF16" else v) for k, v in values.items()}
+    blocks = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("BLOCK") or k == "GROUP_M")
+    label = f"{blocks} w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}"
+    warps = options.get("num_warps", 4)
+    result = Compiled(launch.op, launch.case, kernel_label(launch), label, ok=False, num_warps=warps)
+    start = time.perf_counter()
+    try:
+        sig, consts, attrs = signature(jit, values)
+        compiled = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as error:  # a compile failure is a finding to report, not a crash of the report
+        result.problem = f"compile failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        return result
+    result.seconds = round(time.perf_counter() - start, 2)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = parse_resource_usage(subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin.name],
+                                                    capture_output=True, text=True, check=True).stdout)
+    result.registers, result.stack_bytes = usage["registers"], usage["stack_bytes"]
+    result.local_bytes = usage["local_bytes"]
+    result.shared_bytes = compiled.metadata.shared + usage["static_shared"]
+    result.problem = limit_problem(result, arch)
+    result.ok = not result.problem
+    return result
+
+
+def limit_problem(c: Compiled, arch: int) -> str:
+    """Why a compiled config cannot launch on ``arch`` (shared memory or registers), or ""."""
+    shared_max, regs_max, regs_per_sm = LIMITS[arch]
+    problems = []
+    if c.shared_bytes > shared_max:
+        problems.append(f"needs {c.shared_bytes / 1024:.0f} KiB of shared memory, "
+                        f"sm_{arch} allows {shared_max / 1024:.0f}")
+    if c.registers > regs_max:
+        problems.append(f"{c.registers} registers per thread > {regs_max}")
+    if c.registers * 32 * c.num_warps > regs_per_sm:
+        problems.append(f"{c.registers} registers x {32 * c.num_warps} threads > {regs_per_sm} per SM")
+    return "; ".join(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _versions() -> str:
+    import triton
+
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    commit = git.stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=REPO).stdout.strip()
+    commit += " with uncommitted changes" if dirty else ""
+    return (f"commit {commit or '?'}, triton {triton.__version__}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {platform.machine()}")
+
+
+def write_report(rows: list[Compiled], arch: int, command: str, path: Path) -> None:
+    spilled = [r for r in rows if r.ok and r.stack_bytes + r.local_bytes > 0]
+    lines = [f"# Triton kernels compiled for sm_{arch} (no GPU)", "",
+             f"- date: {datetime.date.today()}; {_versions()}",
+             f"- command: `{command}`",
+             "- what: every launch each op's wrapper makes at the shapes in `benchmarks/triton_compile.py`, compiled "
+             "with `triton.compile` for every autotune config left after the op's own pruning; resources from the "
+             "cubin (`cuobjdump --dump-resource-usage`). Compile-time facts, not speed: nothing ran on a GPU.",
+             f"- {len(rows)} configs compiled: {sum(r.ok for r in rows)} fit sm_{arch}, "
+             f"{sum(not r.ok for r in rows)} do not; {len(spilled)} of those that fit spill registers "
+             "(a stack frame: every helper is inlined, so the stack holds spills).", "",
+             "## Spill-free configs the autotuner can choose from (autotuned kernels)", "",
+             "| op | kernel | case | spill-free / compiled | fewest registers | most shared KiB |",
+             "|---|---|---|---:|---:|---:|"]
+    for op, kernel, case in dict.fromkeys((r.op, r.kernel, r.case) for r in rows):
+        mine = [r for r in rows if (r.op, r.kernel, r.case) == (op, kernel, case)]
+        if len(mine) > 1:
+            clean = sum(r.ok and r.stack_bytes + r.local_bytes == 0 for r in mine)
+            lines.append(f"| {op} | {kernel} | {case} | {clean}/{len(mine)} | {min(r.registers for r in mine)} "
+                         f"| {max(r.shared_bytes for r in mine) / 1024:.0f} |")
+    lines += ["", "## Every config", "",
+             "| op | case | kernel | config | regs | stack B | shared KiB | compile s | problem |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.op} | {r.case} | {r.kernel} | {r.config} | {r.registers} | {r.stack_bytes + r.local_bytes} "
+                     f"| {r.shared_bytes / 1024:.1f} | {r.seconds} "
+                     f"| {r.problem or ('spills' if r.stack_bytes + r.local_bytes else '')} |")
+    path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"arch": arch, "command": command, "versions": _versions(),
+                                                     "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(LIMITS))
+    parser.add_argument("--ops", nargs="+", default=["attention", "rmsnorm", "swiglu", "rope", "projector",
+                                                    "linear_cross_entropy"])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128, 32, 96])
+    parser.add_argument("--quick", action="store_true", help="only the first surviving config of each launch")
+    parser.add_argument("--warm-cache", action="store_true", help="use Triton's cache (compile times then mean little)")
+    parser.add_argument("--out", type=Path, help="report path (.md, with a .json beside it); default: none")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
+    if not args.warm_cache:  # compile times from Triton's cache would be ~0; compile into a fresh one
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-compile-")
+    by_name = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    launches: list[Launch] = []
+    for driver in cases(args.ops, [by_name[d] for d in args.dtypes], args.head_dims):
+        driver(launches)
+    seen, rows = set(), []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(x, **_):
+            return x
+    work = [(launch, config) for launch in launches
+            for config in (_configs(launch)[:1] if args.quick else _configs(launch))]
+    for launch, config in tqdm(work, desc=f"compile sm_{args.arch}", unit="config"):
+        key = (launch.op, launch.case, kernel_label(launch), repr(config))
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(compile_launch(launch, config, args.arch))
+    bad = [r for r in rows if not r.ok]
+    spilled = [r for r in rows if r.ok and r.stack_bytes + r.local_bytes]
+    for r in rows:
+        flag = "FAIL " if not r.ok else "spill" if r.stack_bytes + r.local_bytes else "ok   "
+        print(f"{flag} {r.op:<20} {r.case:<18} {r.kernel:<20} {r.config:<44} regs {r.registers:3d} "
+              f"stack {r.stack_bytes + r.local_bytes:5d} B  shared {r.shared_bytes / 1024:6.1f} KiB  {r.problem}")
+    print(f"{len(rows)} configs for sm_{args.arch}: {len(rows) - len(bad)} fit, {len(bad)} do not, "
+          f"{len(spilled)} spill")
+    if args.out:
+        write_report(rows, args.arch, "TRITON_INTERPRET=0 python benchmarks/triton_compile.py "
+                     + " ".join(argv if argv is not None else sys.argv[1:]), args.out)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

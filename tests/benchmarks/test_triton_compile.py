@@ -1,0 +1,87 @@
+"""benchmarks/triton_compile.py: every Triton kernel compiles for Hopper (sm_90) from its op's real launch code,
+fits the GPU's limits, and the report's pieces (signature, resources, limits) are right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import triton_compile as tc
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_resource_line_is_parsed_and_must_be_unique():
+    text = (" Common:\n  GLOBAL:11\n Function _fwd_kernel:\n"
+            "  REG:255 STACK:248 SHARED:1024 LOCAL:0 CONSTANT[0]:640 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+    assert tc.parse_resource_usage(text) == {"registers": 255, "stack_bytes": 248, "static_shared": 1024,
+                                             "local_bytes": 0}
+    with pytest.raises(ValueError, match="found 2"):
+        tc.parse_resource_usage(text + text)
+
+
+@pytest.mark.parametrize(
+    ("shared", "regs", "warps", "problem"),
+    [(200 * 1024, 128, 4, ""),
+     (230 * 1024, 128, 4, "230 KiB of shared memory, sm_90 allows 227"),
+     (16 * 1024, 255, 16, "255 registers x 512 threads > 65536 per SM")],
+)
+def test_limits_of_sm90(shared, regs, warps, problem):
+    c = tc.Compiled("op", "case", "k", "cfg", ok=True, registers=regs, shared_bytes=shared, num_warps=warps)
+    assert (problem in tc.limit_problem(c, 90)) and (bool(problem) == bool(tc.limit_problem(c, 90)))
+
+
+def test_signature_specializes_like_the_launcher():
+    class P:
+        def __init__(self, name, constexpr=False):
+            self.name, self.is_constexpr, self.do_not_specialize = name, constexpr, False
+
+    class Jit:
+        params = [P("X"), P("n"), P("one"), P("odd"), P("scale"), P("unused"), P("BLOCK", True)]
+
+        def fn(self):  # only its __name__ is used, in errors
+            pass
+
+    values = {"X": torch.empty(4, dtype=torch.bfloat16), "n": 4096, "one": 1, "odd": 7, "scale": 0.5,
+              "unused": None, "BLOCK": 128}
+    sig, consts, attrs = tc.signature(Jit, values)
+    assert sig == {"X": "*bf16", "n": "i32", "one": "constexpr", "odd": "i32", "scale": "fp32",
+                   "unused": "constexpr", "BLOCK": "constexpr"}
+    assert consts == {"one": 1, "unused": None, "BLOCK": 128}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    with pytest.raises(ValueError, match="no value for parameter 'n'"):
+        tc.signature(Jit, {k: v for k, v in values.items() if k != "n"})
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_hopper(tmp_path):
+    """The first surviving config of every launch of every op, bf16, Dh 64 and 128 (a subprocess: the test
+    session runs Triton's interpreter, and compiling needs the GPU-mode kernels)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "report.md"
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "benchmarks/triton_compile.py", "--quick", "--dtypes", "bf16",
+                           "--head-dims", "64", "128", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    kernels = {(r["op"], r["kernel"].split()[0]) for r in rows}
+    assert kernels == {("attention", "forward"), ("attention", "preprocess"), ("attention", "dq"),
+                       ("attention", "dkdv"), ("rmsnorm", "forward"), ("rmsnorm", "backward"),
+                       ("swiglu", "forward"), ("swiglu", "backward"), ("rope", "rope"),
+                       ("projector", "matmul"), ("projector", "column_sum"), ("linear_cross_entropy", "rows")}
+    assert all(r["ok"] and r["registers"] > 0 for r in rows)
+    assert len({r["kernel"] for r in rows if r["op"] == "projector"}) == 7  # six GEMM kinds and the column sum
+
+
+def test_refuses_to_run_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "benchmarks/triton_compile.py", "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=0" in proc.stderr
