@@ -60,15 +60,14 @@ def test_signature_specializes_like_the_launcher():
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_for_hopper(tmp_path):
-    """The first surviving config of every launch of every op, bf16, Dh 64 and 128 (a subprocess: the test
-    session runs Triton's interpreter, and compiling needs the GPU-mode kernels)."""
+def test_every_kernel_and_config_compiles_for_hopper(tmp_path):
+    """Every autotune config of every launch of every op, bf16, Dh 32/64/96/128 (~2.5 min on 2 cores; a
+    subprocess: the test session runs Triton's interpreter, and compiling needs the GPU-mode kernels)."""
     pytest.importorskip("triton")
     out = tmp_path / "report.md"
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "benchmarks/triton_compile.py", "--quick", "--dtypes", "bf16",
-                           "--head-dims", "64", "128", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "benchmarks/triton_compile.py", "--dtypes", "bf16", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     kernels = {(r["op"], r["kernel"].split()[0]) for r in rows}
@@ -76,8 +75,13 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
                        ("attention", "dkdv"), ("rmsnorm", "forward"), ("rmsnorm", "backward"),
                        ("swiglu", "forward"), ("swiglu", "backward"), ("rope", "rope"),
                        ("projector", "matmul"), ("projector", "column_sum"), ("linear_cross_entropy", "rows")}
-    assert all(r["ok"] and r["registers"] > 0 for r in rows)
+    assert all(r["ok"] and r["registers"] > 0 for r in rows), [r for r in rows if not r["ok"]]
     assert len({r["kernel"] for r in rows if r["op"] == "projector"}) == 7  # six GEMM kinds and the column sum
+    # every autotuned launch keeps at least one config that does not spill registers
+    launches = {(r["op"], r["kernel"], r["case"]) for r in rows}
+    for launch in launches:
+        mine = [r for r in rows if (r["op"], r["kernel"], r["case"]) == launch]
+        assert any(r["stack_bytes"] + r["local_bytes"] == 0 for r in mine), (launch, mine)
 
 
 def test_refuses_to_run_under_the_interpreter():
