@@ -40,8 +40,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.provenance import git_commit  # noqa: E402
+
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
            torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
@@ -62,6 +64,15 @@ class Launch:
     args: tuple
     kwargs: dict
 
+    @property
+    def jit(self):
+        """The JITFunction (an Autotuner wraps it)."""
+        return self.kernel.fn if getattr(self.kernel, "configs", None) is not None else self.kernel
+
+    def named(self) -> dict:
+        """The launch's arguments by parameter name, keyword arguments (launch options too) included."""
+        return dict(zip((p.name for p in self.jit.params), self.args)) | self.kwargs
+
 
 @dataclasses.dataclass
 class Compiled:
@@ -77,6 +88,11 @@ class Compiled:
     num_warps: int = 0
     seconds: float = 0.0
     problem: str = ""
+
+    @property
+    def spill_bytes(self) -> int:
+        """Stack plus local memory: spilled registers, since every helper in these kernels is inlined."""
+        return self.stack_bytes + self.local_bytes
 
 
 class _Recorder:
@@ -221,9 +237,7 @@ def _configs(launch: Launch) -> list:
         return [None]
     prune = getattr(launch.kernel, "early_config_prune", None)
     if prune is not None:
-        names = [p.name for p in launch.kernel.fn.params]
-        named = dict(zip(names, launch.args)) | launch.kwargs
-        configs = prune(configs, named, **launch.kwargs)
+        configs = prune(configs, launch.named(), **launch.kwargs)
     return list(configs)
 
 
@@ -273,22 +287,21 @@ def compile_launch(launch: Launch, config, arch: int) -> Compiled:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    jit = launch.kernel.fn if getattr(launch.kernel, "configs", None) is not None else launch.kernel
-    names = [p.name for p in jit.params]
-    values = dict(zip(names, launch.args)) | {k: v for k, v in launch.kwargs.items() if k not in _LAUNCH_OPTIONS}
-    options = {k: v for k, v in launch.kwargs.items() if k in _LAUNCH_OPTIONS}
+    named = launch.named()
+    values = {k: v for k, v in named.items() if k not in _LAUNCH_OPTIONS}
+    options = {k: v for k, v in named.items() if k in _LAUNCH_OPTIONS}
     if config is not None:
         values |= config.kwargs
         options |= {"num_warps": config.num_warps, "num_stages": config.num_stages}
     values = {k: (False if k == "INTERPRET_BF16" else v) for k, v in values.items()}
     blocks = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("BLOCK") or k == "GROUP_M")
-    label = f"{blocks} w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}"
     warps = options.get("num_warps", 4)
+    label = f"{blocks} w{warps} s{options.get('num_stages', 3)}"
     result = Compiled(launch.op, launch.case, kernel_label(launch), label, ok=False, num_warps=warps)
     start = time.perf_counter()
     try:
-        sig, consts, attrs = signature(jit, values)
-        compiled = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs),
+        sig, consts, attrs = signature(launch.jit, values)
+        compiled = triton.compile(ASTSource(fn=launch.jit, signature=sig, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as error:  # a compile failure is a finding to report, not a crash of the report
         result.problem = f"compile failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -330,19 +343,19 @@ def limit_problem(c: Compiled, arch: int) -> str:
 def _versions() -> str:
     import triton
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    commit = git.stdout.strip()
+    commit = git_commit()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=REPO).stdout.strip()
     commit += " with uncommitted changes" if dirty else ""
-    return (f"commit {commit or '?'}, triton {triton.__version__}, torch {torch.__version__}, "
+    return (f"commit {commit}, triton {triton.__version__}, torch {torch.__version__}, "
             f"Python {platform.python_version()}, {platform.machine()}")
 
 
 def write_report(rows: list[Compiled], arch: int, command: str, path: Path) -> None:
-    spilled = [r for r in rows if r.ok and r.stack_bytes + r.local_bytes > 0]
+    spilled = [r for r in rows if r.ok and r.spill_bytes]
+    versions = _versions()
     lines = [f"# Triton kernels compiled for sm_{arch} (no GPU)", "",
-             f"- date: {datetime.date.today()}; {_versions()}",
+             f"- date: {datetime.date.today()}; {versions}",
              f"- command: `{command}`",
              "- what: every launch each op's wrapper makes at the shapes in `benchmarks/triton_compile.py`, compiled "
              "with `triton.compile` for every autotune config left after the op's own pruning; resources from the "
@@ -356,18 +369,18 @@ def write_report(rows: list[Compiled], arch: int, command: str, path: Path) -> N
     for op, kernel, case in dict.fromkeys((r.op, r.kernel, r.case) for r in rows):
         mine = [r for r in rows if (r.op, r.kernel, r.case) == (op, kernel, case)]
         if len(mine) > 1:
-            clean = sum(r.ok and r.stack_bytes + r.local_bytes == 0 for r in mine)
+            clean = sum(r.ok and not r.spill_bytes for r in mine)
             lines.append(f"| {op} | {kernel} | {case} | {clean}/{len(mine)} | {min(r.registers for r in mine)} "
                          f"| {max(r.shared_bytes for r in mine) / 1024:.0f} |")
     lines += ["", "## Every config", "",
              "| op | case | kernel | config | regs | stack B | shared KiB | compile s | problem |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.op} | {r.case} | {r.kernel} | {r.config} | {r.registers} | {r.stack_bytes + r.local_bytes} "
+        lines.append(f"| {r.op} | {r.case} | {r.kernel} | {r.config} | {r.registers} | {r.spill_bytes} "
                      f"| {r.shared_bytes / 1024:.1f} | {r.seconds} "
-                     f"| {r.problem or ('spills' if r.stack_bytes + r.local_bytes else '')} |")
+                     f"| {r.problem or ('spills' if r.spill_bytes else '')} |")
     path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(".json").write_text(json.dumps({"arch": arch, "command": command, "versions": _versions(),
+    path.with_suffix(".json").write_text(json.dumps({"arch": arch, "command": command, "versions": versions,
                                                      "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
 
 
@@ -391,11 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     for driver in cases(args.ops, [by_name[d] for d in args.dtypes], args.head_dims):
         driver(launches)
     seen, rows = set(), []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        def tqdm(x, **_):
-            return x
     work = [(launch, config) for launch in launches
             for config in (_configs(launch)[:1] if args.quick else _configs(launch))]
     for launch, config in tqdm(work, desc=f"compile sm_{args.arch}", unit="config"):
@@ -405,11 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         seen.add(key)
         rows.append(compile_launch(launch, config, args.arch))
     bad = [r for r in rows if not r.ok]
-    spilled = [r for r in rows if r.ok and r.stack_bytes + r.local_bytes]
+    spilled = [r for r in rows if r.ok and r.spill_bytes]
     for r in rows:
-        flag = "FAIL " if not r.ok else "spill" if r.stack_bytes + r.local_bytes else "ok   "
+        flag = "FAIL " if not r.ok else "spill" if r.spill_bytes else "ok   "
         print(f"{flag} {r.op:<20} {r.case:<18} {r.kernel:<20} {r.config:<44} regs {r.registers:3d} "
-              f"stack {r.stack_bytes + r.local_bytes:5d} B  shared {r.shared_bytes / 1024:6.1f} KiB  {r.problem}")
+              f"stack {r.spill_bytes:5d} B  shared {r.shared_bytes / 1024:6.1f} KiB  {r.problem}")
     print(f"{len(rows)} configs for sm_{args.arch}: {len(rows) - len(bad)} fit, {len(bad)} do not, "
           f"{len(spilled)} spill")
     if args.out:

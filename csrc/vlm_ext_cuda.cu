@@ -1,8 +1,9 @@
 // CUDA implementations of the ops declared in vlm_ext.cpp (registered for the CUDA dispatch key).
 //
 // Compiled by setup.py where torch is a CUDA build and nvcc is found (it then defines
-// VLM_EXT_WITH_CUDA for both files), and compile-checked without a GPU by scripts/cuda_build_check.py. Same contracts and errors as the CPU twins; tests compare both
-// with the Python references in vlm_core/kernels/ext.py (the CUDA cases skip without a GPU).
+// VLM_EXT_WITH_CUDA for both files), and compile-checked without a GPU by scripts/cuda_build_check.py.
+// Same contracts and errors as the CPU twins; tests compare both with the Python references in
+// vlm_core/kernels/ext.py (the CUDA cases skip without a GPU).
 //
 // packed_metadata: cu_seqlens and the running count of image tokens are inclusive scans (at::cumsum);
 // one thread per token then finds its segment by binary search over cu_seqlens, writes its position,
@@ -15,7 +16,8 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that pulls in cuBLAS, cuSPARSE and cuSOLVER headers
+// c10's stream header, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS, cuSPARSE and cuSOLVER headers.
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>

@@ -18,6 +18,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 stage="${1:-}"
+case "$stage" in
+check | attention | fused | train) ;;
+*)
+    echo "usage: bash scripts/gpu_session.sh check|attention|fused|train   (see the header)" >&2
+    exit 2
+    ;;
+esac
 out="${OUT:-gpu-out}"
 budget="${STAGE_BUDGET_S:-540}"
 smoke="${GPU_SESSION_SMOKE:-0}"
@@ -75,10 +82,6 @@ fused)
     ;;
 train)
     run train "$py" benchmarks/bench_train.py $(smoke_flag)
-    ;;
-*)
-    echo "usage: bash scripts/gpu_session.sh check|attention|fused|train   (see the header)" >&2
-    exit 2
     ;;
 esac
 
