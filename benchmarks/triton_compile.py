@@ -9,9 +9,12 @@ survives the op's own pruning for that dtype) and reads the cubin's resources wi
 ships with Triton. Nothing runs on a device.
 
 Per compiled config: registers per thread, stack bytes (in these kernels, where every helper is inlined,
-a stack frame means spilled registers), dynamic shared memory, and whether it fits the architecture's
-limits (sm_90: 227 KiB of shared memory per block, 255 registers per thread, 64K registers per SM).
-A config that fails to compile or does not fit makes the exit status 1.
+a stack frame means spilled registers), dynamic shared memory, whether it fits the architecture's
+limits (sm_90: 227 KiB of shared memory per block, 255 registers per thread, 64K registers per SM), and
+which tensor-core instructions its SASS issues: on Hopper a ``tl.dot`` should become ``HGMMA`` (wgmma,
+a warpgroup of 4 warps on a 64-row tile); ``HMMA`` (Ampere's mma.sync) is the slower path Triton takes
+when a tile or warp count rules wgmma out. A config that fails to compile or does not fit makes the
+exit status 1.
 
     TRITON_INTERPRET=0 python benchmarks/triton_compile.py                  # sm_90, all ops, bf16 + fp16
     TRITON_INTERPRET=0 python benchmarks/triton_compile.py --quick          # first config of each launch
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -85,6 +89,8 @@ class Compiled:
     stack_bytes: int = 0
     local_bytes: int = 0
     shared_bytes: int = 0
+    wgmma: int = 0  # HGMMA instructions in the SASS: Hopper's warpgroup tensor-core MMA (sm_90a)
+    mma: int = 0  # HMMA instructions: the warp-level mma.sync of Ampere, a slower path on Hopper
     num_warps: int = 0
     seconds: float = 0.0
     problem: str = ""
@@ -93,6 +99,11 @@ class Compiled:
     def spill_bytes(self) -> int:
         """Stack plus local memory: spilled registers, since every helper in these kernels is inlined."""
         return self.stack_bytes + self.local_bytes
+
+    @property
+    def tensor_cores(self) -> str:
+        """Which tensor-core instructions the SASS issues: "wgmma", "mma", both, or "" for none."""
+        return "+".join(name for name, count in (("wgmma", self.wgmma), ("mma", self.mma)) if count)
 
 
 class _Recorder:
@@ -282,6 +293,15 @@ def parse_resource_usage(text: str) -> dict[str, int]:
     return {"registers": reg, "stack_bytes": stack, "static_shared": shared, "local_bytes": local}
 
 
+# An instruction line of cuobjdump -sass: "/*0350*/  @!P0 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], ... ;"
+_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass_opcodes(text: str) -> Counter:
+    """How often each opcode (without its modifiers) occurs in ``cuobjdump -sass`` output."""
+    return Counter(_SASS_OPCODE.findall(text))
+
+
 def compile_launch(launch: Launch, config, arch: int) -> Compiled:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -311,8 +331,14 @@ def compile_launch(launch: Launch, config, arch: int) -> Compiled:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = parse_resource_usage(subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin.name],
-                                                    capture_output=True, text=True, check=True).stdout)
+
+        def dump(flag: str) -> str:
+            return subprocess.run([str(cuobjdump), flag, cubin.name], capture_output=True, text=True,
+                                  check=True).stdout
+
+        usage = parse_resource_usage(dump("--dump-resource-usage"))
+        opcodes = sass_opcodes(dump("--dump-sass"))
+    result.wgmma, result.mma = opcodes["HGMMA"], opcodes["HMMA"]
     result.registers, result.stack_bytes = usage["registers"], usage["stack_bytes"]
     result.local_bytes = usage["local_bytes"]
     result.shared_bytes = compiled.metadata.shared + usage["static_shared"]
@@ -359,25 +385,31 @@ def write_report(rows: list[Compiled], arch: int, command: str, path: Path) -> N
              f"- command: `{command}`",
              "- what: every launch each op's wrapper makes at the shapes in `benchmarks/triton_compile.py`, compiled "
              "with `triton.compile` for every autotune config left after the op's own pruning; resources from the "
-             "cubin (`cuobjdump --dump-resource-usage`). Compile-time facts, not speed: nothing ran on a GPU.",
+             "cubin (`cuobjdump --dump-resource-usage`), tensor-core instructions from its SASS (`cuobjdump "
+             "--dump-sass`: HGMMA = wgmma, Hopper's warpgroup MMA; HMMA = Ampere's mma.sync). Compile-time facts, "
+             "not speed: nothing ran on a GPU.",
              f"- {len(rows)} configs compiled: {sum(r.ok for r in rows)} fit sm_{arch}, "
              f"{sum(not r.ok for r in rows)} do not; {len(spilled)} of those that fit spill registers "
-             "(a stack frame: every helper is inlined, so the stack holds spills).", "",
+             "(a stack frame: every helper is inlined, so the stack holds spills). Tensor cores: "
+             f"{sum(r.wgmma > 0 for r in rows)} configs issue wgmma (HGMMA), {sum(r.mma > 0 for r in rows)} "
+             "mma.sync (HMMA); the rest have no matrix product.", "",
              "## Spill-free configs the autotuner can choose from (autotuned kernels)", "",
-             "| op | kernel | case | spill-free / compiled | fewest registers | most shared KiB |",
-             "|---|---|---|---:|---:|---:|"]
+             "| op | kernel | case | spill-free / compiled | spill-free on wgmma | fewest registers | most shared KiB |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for op, kernel, case in dict.fromkeys((r.op, r.kernel, r.case) for r in rows):
         mine = [r for r in rows if (r.op, r.kernel, r.case) == (op, kernel, case)]
         if len(mine) > 1:
-            clean = sum(r.ok and not r.spill_bytes for r in mine)
-            lines.append(f"| {op} | {kernel} | {case} | {clean}/{len(mine)} | {min(r.registers for r in mine)} "
-                         f"| {max(r.shared_bytes for r in mine) / 1024:.0f} |")
+            clean = [r for r in mine if r.ok and not r.spill_bytes]
+            on_wgmma = f"{sum(r.wgmma > 0 for r in clean)}" if any(r.tensor_cores for r in mine) else "no MMA"
+            lines.append(f"| {op} | {kernel} | {case} | {len(clean)}/{len(mine)} | {on_wgmma} "
+                         f"| {min(r.registers for r in mine)} | {max(r.shared_bytes for r in mine) / 1024:.0f} |")
     lines += ["", "## Every config", "",
-             "| op | case | kernel | config | regs | stack B | shared KiB | compile s | problem |",
-             "|---|---|---|---|---:|---:|---:|---:|---|"]
+             "| op | case | kernel | config | regs | stack B | shared KiB | tensor cores (SASS count) | compile s | problem |",
+             "|---|---|---|---|---:|---:|---:|---|---:|---|"]
     for r in rows:
+        cores = ", ".join(f"{name} {count}" for name, count in (("HGMMA", r.wgmma), ("HMMA", r.mma)) if count)
         lines.append(f"| {r.op} | {r.case} | {r.kernel} | {r.config} | {r.registers} | {r.spill_bytes} "
-                     f"| {r.shared_bytes / 1024:.1f} | {r.seconds} "
+                     f"| {r.shared_bytes / 1024:.1f} | {cores} | {r.seconds} "
                      f"| {r.problem or ('spills' if r.spill_bytes else '')} |")
     path.write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps({"arch": arch, "command": command, "versions": versions,
@@ -417,9 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         flag = "FAIL " if not r.ok else "spill" if r.spill_bytes else "ok   "
         print(f"{flag} {r.op:<20} {r.case:<18} {r.kernel:<20} {r.config:<44} regs {r.registers:3d} "
-              f"stack {r.spill_bytes:5d} B  shared {r.shared_bytes / 1024:6.1f} KiB  {r.problem}")
+              f"stack {r.spill_bytes:5d} B  shared {r.shared_bytes / 1024:6.1f} KiB  {r.tensor_cores or '-':<5} "
+              f"{r.problem}")
     print(f"{len(rows)} configs for sm_{args.arch}: {len(rows) - len(bad)} fit, {len(bad)} do not, "
-          f"{len(spilled)} spill")
+          f"{len(spilled)} spill, {sum(bool(r.mma) for r in rows)} use mma.sync (HMMA)")
     if args.out:
         write_report(rows, args.arch, "TRITON_INTERPRET=0 python benchmarks/triton_compile.py "
                      + " ".join(argv if argv is not None else sys.argv[1:]), args.out)

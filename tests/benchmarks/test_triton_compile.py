@@ -26,6 +26,19 @@ def test_resource_line_is_parsed_and_must_be_unique():
         tc.parse_resource_usage(text + text)
 
 
+def test_sass_opcodes_are_counted_without_modifiers_or_predicates():
+    text = ("        Function : _fwd_kernel\n"
+            "        /*0350*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;  /* 0x... */\n"
+            "        /*0360*/              @!P0 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;  /* 0x... */\n"
+            "        /*0370*/              @UP1 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;  /* 0x... */\n"
+            "        /*0380*/               @PT LDL.64 R2, [R1+0x8] ;  /* 0x... */\n"
+            "        /*0390*/                   EXIT ;  /* 0x... */\n")
+    ops = tc.sass_opcodes(text)
+    assert ops == {"HGMMA": 2, "HMMA": 1, "LDL": 1, "EXIT": 1}
+    assert tc.Compiled("op", "case", "k", "cfg", ok=True, wgmma=ops["HGMMA"], mma=ops["HMMA"]).tensor_cores == "wgmma+mma"
+    assert tc.Compiled("op", "case", "k", "cfg", ok=True).tensor_cores == ""
+
+
 @pytest.mark.parametrize(
     ("shared", "regs", "warps", "problem"),
     [(200 * 1024, 128, 4, ""),
@@ -83,6 +96,12 @@ def test_every_kernel_and_config_compiles_for_hopper(tmp_path):
     for launch in launches:
         mine = [r for r in rows if (r["op"], r["kernel"], r["case"]) == launch]
         assert any(r["stack_bytes"] + r["local_bytes"] == 0 for r in mine), (launch, mine)
+    # Hopper's tensor cores: every config of the matrix kernels issues wgmma (HGMMA), none falls back to
+    # Ampere's mma.sync (HMMA), and the kernels without a tl.dot issue neither
+    matrix = {("attention", "forward"), ("attention", "dq"), ("attention", "dkdv"), ("projector", "matmul")}
+    for r in rows:
+        on_matrix = (r["op"], r["kernel"].split()[0]) in matrix
+        assert (r["wgmma"] > 0) == on_matrix and r["mma"] == 0, r
 
 
 def test_refuses_to_run_under_the_interpreter():
