@@ -9,17 +9,23 @@
 // one thread per token then finds its segment by binary search over cu_seqlens, writes its position,
 // checks that its image run is a whole number of images, and writes its image id. A malformed run
 // records the first bad token with atomicMin; the host reads that one number (one sync) to raise.
-// scatter_rows_/gather_rows: one thread per element, 64-bit offsets; a row index out of range is a
-// device-side assert (as in PyTorch's own index kernels; checking on the host would sync per call).
+// scatter_rows_/gather_rows copy whole rows, so they move bytes, whatever the dtype (as the CPU twins'
+// memcpy does): each thread copies one vector of the widest size (16, 8, 4, 2 or 1 bytes) that divides the
+// row's bytes and both base addresses, so bf16 rows of a 16-byte multiple move as 128-bit loads and stores
+// (LDG.E.128/STG.E.128) instead of 2-byte ones. A block is a tile of rows x vectors (threadIdx.y picks the
+// row, threadIdx.x the vector), so no thread divides a flat index; the grid strides over rows past
+// CUDA's 65,535 limit on gridDim.y. A row index out of range is a device-side assert (as in PyTorch's own
+// index kernels; checking on the host would sync per call).
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 // c10's stream header, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS, cuSPARSE and cuSOLVER headers.
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <tuple>
 
 namespace vlm_ext {
@@ -64,26 +70,58 @@ __global__ void packed_metadata_kernel(const int64_t* __restrict__ ids, const in
   groups[t] = static_cast<int32_t>(before / tokens_per_image + 1);
 }
 
-template <typename scalar_t>
-__global__ void scatter_rows_kernel(scalar_t* __restrict__ dst, const int64_t* __restrict__ rows,
-                                    const scalar_t* __restrict__ src, int64_t count, int64_t width, int64_t total) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= count * width) return;
-  const int64_t m = i / width, d = i - m * width;
-  const int64_t row = rows[m];
-  CUDA_KERNEL_ASSERT(row >= 0 && row < total);
-  dst[row * width + d] = src[i];
+// Row rows[m] of the table and row m of the dense buffer, vecs_per_row vectors each: gather copies
+// table -> dense, scatter dense -> table.
+template <typename VecT, bool kScatter>
+__global__ void copy_rows_kernel(const VecT* __restrict__ from, VecT* __restrict__ to,
+                                 const int64_t* __restrict__ rows, int64_t count, int64_t vecs_per_row,
+                                 int64_t table_rows) {
+  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= vecs_per_row) return;
+  const int64_t row_stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < count; m += row_stride) {
+    const int64_t row = rows[m];
+    CUDA_KERNEL_ASSERT(row >= 0 && row < table_rows);
+    const int64_t table_at = row * vecs_per_row + v, dense_at = m * vecs_per_row + v;
+    to[kScatter ? table_at : dense_at] = from[kScatter ? dense_at : table_at];
+  }
 }
 
-template <typename scalar_t>
-__global__ void gather_rows_kernel(const scalar_t* __restrict__ src, const int64_t* __restrict__ rows,
-                                   scalar_t* __restrict__ out, int64_t count, int64_t width, int64_t total) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= count * width) return;
-  const int64_t m = i / width, d = i - m * width;
-  const int64_t row = rows[m];
-  CUDA_KERNEL_ASSERT(row >= 0 && row < total);
-  out[i] = src[row * width + d];
+// The widest access (bytes) that divides the row's bytes and the addresses of both buffers.
+int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
+  const auto misalignment = static_cast<uint64_t>(row_bytes) | reinterpret_cast<uintptr_t>(a) |
+                            reinterpret_cast<uintptr_t>(b);
+  for (int bytes = 16; bytes > 1; bytes /= 2) {
+    if (misalignment % bytes == 0) return bytes;
+  }
+  return 1;
+}
+
+template <bool kScatter, typename VecT>
+void launch_copy_rows(const void* from, void* to, const int64_t* rows, int64_t count, int64_t row_bytes,
+                      int64_t table_rows) {
+  const int64_t vecs_per_row = row_bytes / static_cast<int64_t>(sizeof(VecT));
+  // x covers a row's vectors (a whole warp at least), y fills the block with rows.
+  const int64_t x = std::min<int64_t>(kThreads, (vecs_per_row + 31) / 32 * 32);
+  const dim3 block(static_cast<unsigned>(x), static_cast<unsigned>(kThreads / x));
+  const int64_t row_blocks = std::min<int64_t>((count + block.y - 1) / block.y, 65535);
+  const dim3 grid(static_cast<unsigned>((vecs_per_row + x - 1) / x), static_cast<unsigned>(row_blocks));
+  copy_rows_kernel<VecT, kScatter><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const VecT*>(from), static_cast<VecT*>(to), rows, count, vecs_per_row, table_rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Copies row rows[m] of a contiguous (table_rows, row_bytes) table to or from row m of a dense buffer.
+template <bool kScatter>
+void copy_rows(const void* from, void* to, const int64_t* rows, int64_t count, int64_t row_bytes,
+               int64_t table_rows) {
+  switch (vector_bytes(row_bytes, from, to)) {
+    case 16: return launch_copy_rows<kScatter, uint4>(from, to, rows, count, row_bytes, table_rows);
+    case 8: return launch_copy_rows<kScatter, uint2>(from, to, rows, count, row_bytes, table_rows);
+    case 4: return launch_copy_rows<kScatter, uint32_t>(from, to, rows, count, row_bytes, table_rows);
+    case 2: return launch_copy_rows<kScatter, uint16_t>(from, to, rows, count, row_bytes, table_rows);
+    default: return launch_copy_rows<kScatter, uint8_t>(from, to, rows, count, row_bytes, table_rows);
+  }
 }
 
 }  // namespace
@@ -133,14 +171,10 @@ at::Tensor& scatter_rows_cuda(at::Tensor& dst, const at::Tensor& rows_in, const 
   const c10::cuda::CUDAGuard guard(dst.device());
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor src = src_in.contiguous();
-  const int64_t count = rows.numel(), width = dst.size(1);
-  if (count == 0 || width == 0) return dst;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "scatter_rows_", [&] {
-    scatter_rows_kernel<scalar_t><<<blocks_for(count * width), kThreads, 0, stream>>>(
-        dst.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), src.data_ptr<scalar_t>(), count, width, dst.size(0));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t count = rows.numel(), row_bytes = dst.size(1) * dst.element_size();
+  if (count == 0 || row_bytes == 0) return dst;
+  copy_rows</*kScatter=*/true>(src.data_ptr(), dst.data_ptr(), rows.data_ptr<int64_t>(), count, row_bytes,
+                               dst.size(0));
   return dst;
 }
 
@@ -149,15 +183,11 @@ at::Tensor gather_rows_cuda(const at::Tensor& src_in, const at::Tensor& rows_in)
   check_rows_args("gather_rows", src, rows_in);
   const c10::cuda::CUDAGuard guard(src.device());
   const at::Tensor rows = rows_in.contiguous();
-  const int64_t count = rows.numel(), width = src.size(1);
-  at::Tensor out = at::empty({count, width}, src.options());
-  if (count == 0 || width == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_rows", [&] {
-    gather_rows_kernel<scalar_t><<<blocks_for(count * width), kThreads, 0, stream>>>(
-        src.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), count, width, src.size(0));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t count = rows.numel(), row_bytes = src.size(1) * src.element_size();
+  at::Tensor out = at::empty({count, src.size(1)}, src.options());
+  if (count == 0 || row_bytes == 0) return out;
+  copy_rows</*kScatter=*/false>(src.data_ptr(), out.data_ptr(), rows.data_ptr<int64_t>(), count, row_bytes,
+                                src.size(0));
   return out;
 }
 

@@ -12,7 +12,9 @@ fetches what the build needs from PyPI into a cache folder, and nothing else:
 Then it compiles ``vlm_ext_cuda.cu`` with nvcc for each ``--arch`` (flags as torch.utils.cpp_extension
 gives them) and ``vlm_ext.cpp`` with ``VLM_EXT_WITH_CUDA`` defined, links both into one shared library,
 and fails if the library leaves any ``vlm_ext::`` symbol undefined (a declaration in one file that the
-other does not define with the same signature). It prints ptxas's registers and spills per kernel.
+other does not define with the same signature). It prints ptxas's registers and spills per kernel, and
+the widest global load and store in each kernel's SASS; the 16-byte row copies must move 128 bits per
+access (LDG.E.128/STG.E.128).
 It does not run anything: running the CUDA ops needs a GPU (tests/vlm_core/kernels/test_ext.py).
 
     python scripts/cuda_build_check.py                   # sm_80 and sm_90, cache under ~/.cache
@@ -52,6 +54,8 @@ class KernelResources:
     spill_stores: int
     spill_loads: int
     stack_bytes: int
+    load_bits: int = 0  # the widest global load in the kernel's SASS (LDG.E.128 = 128); 0 = SASS not read
+    store_bits: int = 0  # the widest global store (STG)
 
 
 @dataclass
@@ -88,6 +92,31 @@ def parse_ptxas(text: str) -> list[KernelResources]:
             out.append(KernelResources(registers=int(m["regs"]), **current))
             current = None
     return out
+
+
+_SASS_ARCH = re.compile(r"^\s*arch = (sm_\d+a?)")
+_SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)")
+_SASS_GLOBAL = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
+_ACCESS_BITS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def global_access_bits(sass: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """Per (arch, mangled kernel name) of ``cuobjdump --dump-sass`` output: the widest global load and store
+    in bits (an unsized LDG/STG moves 32)."""
+    widest: dict[tuple[str, str], list[int]] = {}
+    arch = function = None
+    for line in sass.splitlines():
+        if m := _SASS_ARCH.match(line):
+            arch = m[1]
+        elif m := _SASS_FUNCTION.match(line):
+            function = m[1]
+            widest[(arch, function)] = [0, 0]
+        elif function is not None:
+            for op, modifiers in _SASS_GLOBAL.findall(line):
+                bits = next((_ACCESS_BITS[x] for x in modifiers.split(".") if x in _ACCESS_BITS), 32)
+                slot = widest[(arch, function)]
+                slot[op == "STG"] = max(slot[op == "STG"], bits)
+    return {key: (load, store) for key, (load, store) in widest.items()}
 
 
 def short_kernel_names(kernels: list[KernelResources]) -> None:
@@ -198,7 +227,14 @@ def check(cuda_home: Path, torch_include: Path, archs: list[str], build: Path, c
     _run(["c++", "-shared", str(build / "vlm_ext.o"), str(build / "vlm_ext_cuda.o"), "-o", str(library)], "link")
 
     report.kernels = parse_ptxas(cu_out)
+    cuobjdump = _cuobjdump(cuda_home)
+    if cuobjdump is not None:
+        widths = global_access_bits(_run([str(cuobjdump), "--dump-sass", str(build / "vlm_ext_cuda.o")], "cuobjdump"))
+        for k in report.kernels:
+            k.load_bits, k.store_bits = widths.get((k.arch, k.kernel), (0, 0))
     short_kernel_names(report.kernels)
+    narrow = [f"{k.arch} {k.kernel}" for k in report.kernels
+              if k.kernel.startswith("vlm_ext::copy_rows_kernel<uint4") and (k.load_bits, k.store_bits) != (128, 128)]
     report.warnings = our_warnings(cu_out + cpp_out, str(csrc))
     report.undefined = undefined_own_symbols(_run(["nm", "-C", "--undefined-only", str(library)], "nm"))
     if not report.kernels or {k.arch for k in report.kernels} != set(report.archs):
@@ -207,8 +243,22 @@ def check(cuda_home: Path, torch_include: Path, archs: list[str], build: Path, c
         report.error = f"{len(report.undefined)} vlm_ext symbols are declared but not defined: {report.undefined}"
     elif report.warnings:
         report.error = f"{len(report.warnings)} compiler warnings in {csrc}"
+    elif cuobjdump is not None and narrow:
+        report.error = f"the 16-byte row copies do not move 128 bits per access in SASS: {narrow}"
     report.ok = not report.error
     return report
+
+
+def _cuobjdump(cuda_home: Path) -> Path | None:
+    """The toolkit's cuobjdump, else the one Triton ships (the compiler wheels have none), else None."""
+    if (cuda_home / "bin" / "cuobjdump").is_file():
+        return cuda_home / "bin" / "cuobjdump"
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return bundled if bundled.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"cuda build check: {platform.machine()}, torch {version} headers (CUDA {torch_cuda}), {report.nvcc}")
     for k in report.kernels:
-        print(f"  {k.arch}  {k.registers:3d} registers  {k.spill_stores + k.spill_loads:4d} B spilled  {k.kernel}")
+        access = f"{k.load_bits:3d}/{k.store_bits:3d}-bit loads/stores" if k.load_bits else "SASS not read"
+        print(f"  {k.arch}  {k.registers:3d} registers  {k.spill_stores + k.spill_loads:4d} B spilled  {access}  "
+              f"{k.kernel}")
     for line in report.warnings:
         print(f"  warning: {line}")
     if args.json:

@@ -44,6 +44,33 @@ def test_kernel_names_are_demangled_without_the_anonymous_namespace():
     assert kernels[0].kernel == "vlm_ext::gather_rows_kernel<float>"
 
 
+SASS = """\
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,8]
+
+\t\tFunction : _Z4copyI5uint4EvPKT_
+\t/*0080*/                   LDG.E.64.CONSTANT R2, desc[UR4][R2.64] ;  /* 0x... */
+\t/*0090*/              @!P0 LDG.E.128.CONSTANT R4, desc[UR4][R8.64] ;  /* 0x... */
+\t/*00a0*/                   STG.E.128 desc[UR4][R10.64], R4 ;  /* 0x... */
+\t\tFunction : _Z4copyIhEvPKT_
+\t/*0080*/                   LDG.E.U8.CONSTANT R5, desc[UR4][R2.64] ;  /* 0x... */
+\t/*0090*/                   STG.E.U8 desc[UR4][R6.64], R5 ;  /* 0x... */
+\t\tFunction : _Z4metav
+\t/*0080*/                   LDG.E R5, desc[UR4][R2.64] ;  /* 0x... */
+\t/*0090*/                   STG.E.64 desc[UR4][R6.64], R8 ;  /* 0x... */
+"""
+
+
+def test_widest_global_access_per_kernel_from_sass():
+    assert cbc.global_access_bits(SASS) == {
+        ("sm_90", "_Z4copyI5uint4EvPKT_"): (128, 128),
+        ("sm_90", "_Z4copyIhEvPKT_"): (8, 8),
+        ("sm_90", "_Z4metav"): (32, 64),
+    }
+
+
 def test_only_our_namespace_counts_as_undefined():
     nm = ("                 U at::_ops::empty::call(c10::ArrayRef<c10::SymInt>)\n"
           "                 U vlm_ext::check_rows_args(char const*, at::Tensor const&, at::Tensor const&, long)\n"
@@ -77,10 +104,15 @@ def toolchain():
 def test_csrc_compiles_and_links_for_hopper(toolchain, tmp_path):
     report = cbc.check(*toolchain, ["90"], tmp_path / "build")
     assert report.ok, report.error
-    names = {k.kernel for k in report.kernels}
-    assert {"vlm_ext::packed_metadata_kernel", "vlm_ext::gather_rows_kernel<c10::BFloat16>",
-            "vlm_ext::scatter_rows_kernel<c10::Half>"} <= names
+    widths = {k.kernel: (k.load_bits, k.store_bits) for k in report.kernels}
+    vectors = ("unsigned char", "unsigned short", "unsigned int", "uint2", "uint4")
+    assert set(widths) == {"vlm_ext::packed_metadata_kernel"} | {
+        f"vlm_ext::copy_rows_kernel<{v}, {scatter}>" for v in vectors for scatter in ("false", "true")}
     assert all(k.arch == "sm_90" and k.spill_stores == 0 for k in report.kernels)
+    # each row copy stores exactly its vector's width; the 16-byte ones load and store 128 bits
+    for v, bits in zip(vectors, (8, 16, 32, 64, 128)):
+        assert widths[f"vlm_ext::copy_rows_kernel<{v}, true>"][1] == bits, widths
+    assert widths["vlm_ext::copy_rows_kernel<uint4, false>"] == (128, 128), widths
 
 
 @pytest.mark.slow

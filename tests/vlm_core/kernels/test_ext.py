@@ -174,3 +174,43 @@ def test_cuda_kernels_match_the_cpu_twins(extension):
     dst = src.clone()
     ext.scatter_rows(dst, rows, src[:2304] * 2, impl="extension")
     assert torch.equal(dst[rows], src[:2304] * 2)
+
+
+def _random_table(rows: int, width: int, dtype: torch.dtype, offset: int, device: str, g) -> torch.Tensor:
+    """A contiguous (rows, width) table of random bits whose base sits ``offset`` elements into its storage."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bits = torch.randint(0, 256, ((rows * width + offset) * itemsize,), generator=g, dtype=torch.uint8)
+    return bits.view(dtype)[offset:].view(rows, width).to(device)
+
+
+# Each case picks another access width in the CUDA kernels: the widest of 16/8/4/2/1 bytes that divides the
+# row's bytes and both base addresses (csrc/vlm_ext_cuda.cu). The CPU twins copy rows with memcpy.
+ROW_COPY_CASES = [
+    pytest.param(torch.bfloat16, 4096, 0, 2304, id="bf16-8KiB-rows-16B"),
+    pytest.param(torch.bfloat16, 1024, 1, 700, id="bf16-base-off-by-2B-2B"),
+    pytest.param(torch.float32, 1024, 2, 700, id="fp32-base-off-by-8B-8B"),
+    pytest.param(torch.bfloat16, 2, 0, 700, id="bf16-4B-rows-4B"),
+    pytest.param(torch.float16, 1, 0, 700, id="fp16-2B-rows-2B"),
+    pytest.param(torch.uint8, 3, 0, 700, id="u8-3B-rows-1B"),
+    pytest.param(torch.uint8, 1, 0, 600_000, id="u8-600k-rows-grid-stride"),  # > 65,535 blocks of 8 rows
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize(("dtype", "width", "offset", "count"), ROW_COPY_CASES)
+def test_row_copies_move_exact_bits_at_every_access_width(extension, device, dtype, width, offset, count):
+    ok, reason = ext.extension_status(device)
+    if not ok:
+        pytest.skip(reason)
+    g = generator(f"ext-row-copy-{dtype}-{width}-{offset}-{count}")
+    total = count + 97
+    table = _random_table(total, width, dtype, offset, device, g)
+    rows = torch.randperm(total, generator=g)[:count].to(device)
+    as_bytes = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731 (random bits: NaNs compare by their bits)
+    assert torch.equal(as_bytes(torch.ops.vlm_ext.gather_rows(table, rows)), as_bytes(table[rows]))
+    src = _random_table(count, width, dtype, 0, device, g)
+    want = table.clone()
+    want[rows] = src
+    torch.ops.vlm_ext.scatter_rows_(table, rows, src)
+    assert torch.equal(as_bytes(table), as_bytes(want))
