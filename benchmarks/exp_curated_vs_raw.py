@@ -142,11 +142,18 @@ def main(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
 
     # 2. The towers, pretrained on the clean world (train.py's stage 0, cached by the same key), one per seed.
+    #    A tower already in the cache is not run again: invocations for other --seeds that share --work (run
+    #    side by side) would otherwise all write the curation seed's run dir at once.
+    def tower_in_cache(seed: int) -> Path:
+        return Path(cache) / "towers" / tower_cache_key(ModelConfig().vision, world_hash(world), tower, seed)
+
     for seed in dict.fromkeys([args.curation_seed, *args.seeds]):
+        if (tower_in_cache(seed) / "info.json").is_file():  # written last: see save_cached_tower
+            continue
         pretrain = replace(train, seed=seed, max_steps=1, warmup_steps=0, align=replace(align, enabled=False))
         run_job(_job(world, DataConfig(source="world", cache_dir=cache), pretrain, EvalConfig(enabled=False),
                      args.work / f"tower-seed{seed}"), show_progress=False)
-    tower_dir = Path(cache) / "towers" / tower_cache_key(ModelConfig().vision, world_hash(world), tower, args.curation_seed)
+    tower_dir = tower_in_cache(args.curation_seed)
 
     # 3. Raw (validation only) and curated manifests of the same dirty world.
     results: dict[str, dict] = {}
