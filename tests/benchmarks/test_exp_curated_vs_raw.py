@@ -32,10 +32,14 @@ def test_smoke_run_and_reuse(tmp_path):
     manifest = tmp_path / "work" / "curated" / "manifest.parquet"
     hashes = set(pq.read_table(manifest, columns=["config_hash"]).column("config_hash").to_pylist())
     finished = (tmp_path / "work" / "train-raw-seed0" / "eval.json").stat()
+    tower = (tmp_path / "work" / "tower-seed0" / "checkpoints" / "latest.json").stat()
     results = _run(tmp_path, ["2"])  # seed 2 only: curation still embeds with seed 0's tower (--curation-seed)
     assert sorted(results["curated"]["runs"]) == [2]
     assert set(pq.read_table(manifest, columns=["config_hash"]).column("config_hash").to_pylist()) == hashes
     assert (tmp_path / "work" / "train-raw-seed0" / "eval.json").stat().st_mtime_ns == finished.st_mtime_ns
+    # seed 0's cached tower is not pretrained again (invocations side by side would race on its run dir)
+    assert (tmp_path / "work" / "tower-seed0" / "checkpoints" / "latest.json").stat().st_mtime_ns == tower.st_mtime_ns
+    assert (tmp_path / "work" / "tower-seed2" / "checkpoints" / "latest.json").is_file()
 
 
 def test_another_lr_gets_its_own_runs(tmp_path):
