@@ -98,6 +98,7 @@ def _plot(score, seeds: list[int], skills: list[str], path: Path) -> None:
             right.scatter(np.full(len(seeds), x[k] + offset), values[k], s=10, color=colour, zorder=3)
     right.set(xticks=x, xticklabels=[skill or "overall" for skill in names], ylim=(0, 1.02),
               title=f"per skill: mean (bar) and each of {len(seeds)} seeds (dots)")
+    right.tick_params(axis="x", labelrotation=30)  # many seeds leave this panel narrow
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
