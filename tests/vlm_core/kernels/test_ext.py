@@ -183,6 +183,11 @@ def _random_table(rows: int, width: int, dtype: torch.dtype, offset: int, device
     return bits.view(dtype)[offset:].view(rows, width).to(device)
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits (random bits include NaNs, which torch.equal would call unequal)."""
+    return t.contiguous().view(torch.uint8)
+
+
 # Each case picks another access width in the CUDA kernels: the widest of 16/8/4/2/1 bytes that divides the
 # row's bytes and both base addresses (csrc/vlm_ext_cuda.cu). The CPU twins copy rows with memcpy.
 ROW_COPY_CASES = [
@@ -207,7 +212,6 @@ def test_row_copies_move_exact_bits_at_every_access_width(extension, device, dty
     total = count + 97
     table = _random_table(total, width, dtype, offset, device, g)
     rows = torch.randperm(total, generator=g)[:count].to(device)
-    as_bytes = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731 (random bits: NaNs compare by their bits)
     assert torch.equal(as_bytes(torch.ops.vlm_ext.gather_rows(table, rows)), as_bytes(table[rows]))
     src = _random_table(count, width, dtype, 0, device, g)
     want = table.clone()
