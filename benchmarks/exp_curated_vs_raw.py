@@ -53,7 +53,7 @@ from vlm_core.config import (
 )
 from vlm_core.model.config import ModelConfig
 from vlm_core.train.job import run_job
-from vlm_core.train.tower import tower_cache_key
+from vlm_core.train.tower import tower_cache_key, tower_is_cached
 
 
 def _versions() -> str:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         return Path(cache) / "towers" / tower_cache_key(ModelConfig().vision, world_hash(world), tower, seed)
 
     for seed in dict.fromkeys([args.curation_seed, *args.seeds]):
-        if (tower_in_cache(seed) / "info.json").is_file():  # written last: see save_cached_tower
+        if tower_is_cached(tower_in_cache(seed)):
             continue
         pretrain = replace(train, seed=seed, max_steps=1, warmup_steps=0, align=replace(align, enabled=False))
         run_job(_job(world, DataConfig(source="world", cache_dir=cache), pretrain, EvalConfig(enabled=False),

@@ -232,9 +232,10 @@ def check(cuda_home: Path, torch_include: Path, archs: list[str], build: Path, c
         widths = global_access_bits(_run([str(cuobjdump), "--dump-sass", str(build / "vlm_ext_cuda.o")], "cuobjdump"))
         for k in report.kernels:
             k.load_bits, k.store_bits = widths.get((k.arch, k.kernel), (0, 0))
+    # the 16-byte row copies, picked by their mangled names (demangling needs c++filt, which may be absent)
+    vector16 = [k for k in report.kernels if "copy_rows_kernelI5uint4" in k.kernel]
     short_kernel_names(report.kernels)
-    narrow = [f"{k.arch} {k.kernel}" for k in report.kernels
-              if k.kernel.startswith("vlm_ext::copy_rows_kernel<uint4") and (k.load_bits, k.store_bits) != (128, 128)]
+    narrow = [f"{k.arch} {k.kernel}" for k in vector16 if (k.load_bits, k.store_bits) != (128, 128)]
     report.warnings = our_warnings(cu_out + cpp_out, str(csrc))
     report.undefined = undefined_own_symbols(_run(["nm", "-C", "--undefined-only", str(library)], "nm"))
     if not report.kernels or {k.arch for k in report.kernels} != set(report.archs):

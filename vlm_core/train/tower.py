@@ -147,13 +147,17 @@ def tower_cache_key(vision: VisionConfig, world_hash: str, stage: TowerStageConf
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def tower_is_cached(folder: Path) -> bool:
+    """Does ``folder`` hold a complete cached tower (weights, and ``info.json``, which save_cached_tower writes last)?"""
+    return (folder / "vision.safetensors").is_file() and (folder / "info.json").is_file()
+
+
 def load_cached_tower(folder: Path, vision: VisionTower) -> dict[str, Any] | None:
     """Load a cached tower into ``vision``; return its recorded metrics, or None if the cache is empty."""
-    weights, info = folder / "vision.safetensors", folder / "info.json"
-    if not (weights.is_file() and info.is_file()):
+    if not tower_is_cached(folder):
         return None
-    vision.load_state_dict(load_file(str(weights)), strict=True)
-    return json.loads(info.read_text(encoding="utf-8"))
+    vision.load_state_dict(load_file(str(folder / "vision.safetensors")), strict=True)
+    return json.loads((folder / "info.json").read_text(encoding="utf-8"))
 
 
 def save_cached_tower(folder: Path, vision: VisionTower, info: dict[str, Any]) -> None:

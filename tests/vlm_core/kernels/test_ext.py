@@ -178,8 +178,7 @@ def test_cuda_kernels_match_the_cpu_twins(extension):
 
 def _random_table(rows: int, width: int, dtype: torch.dtype, offset: int, device: str, g) -> torch.Tensor:
     """A contiguous (rows, width) table of random bits whose base sits ``offset`` elements into its storage."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    bits = torch.randint(0, 256, ((rows * width + offset) * itemsize,), generator=g, dtype=torch.uint8)
+    bits = torch.randint(0, 256, ((rows * width + offset) * dtype.itemsize,), generator=g, dtype=torch.uint8)
     return bits.view(dtype)[offset:].view(rows, width).to(device)
 
 
