@@ -7,15 +7,17 @@ the packed embeddings [total, D] at the image-token rows. Providers:
     compiled  torch.compile of the same function (CUDA only)
     ours      vlm_core.kernels.fused_projector.projector_scatter_triton (bias + GELU in GEMM 1's epilogue,
               the scatter in GEMM 2's store, the backward gathering the same rows)
+With --layer-norm the projector is InternVL's: a LayerNorm over D_v first (eager: F.layer_norm; ours: the
+statistics kernel and the normalization in GEMM 1's loads); its FLOPs are not counted.
 The issue's target on an H100 at LLaVA-1.5 shapes (P 576, D_v 1024, D_h = D 4096, 16-64 images), full
 mode: ours >= 1.5x eager and >= 1.2x compiled ("x vs ours" >= 1.5 and >= 1.2).
 
 FLOPs: forward 2 M (D_v D_h + D_h D) with M = N_img P; backward twice that (d input and d weight of both
 GEMMs); full three times. The buffer holds the image tokens plus 50% as many text tokens.
 
-GPU:   python benchmarks/bench_projector.py          (16 32 64 images, bf16)
+GPU:   python benchmarks/bench_projector.py          (16 32 64 images, bf16; --layer-norm for InternVL's)
 CPU:   python benchmarks/bench_projector.py --smoke  (tiny; eager, and ours under TRITON_INTERPRET=1)
-Results go to benchmarks/results/projector_<device>.{md,csv}.
+Results go to benchmarks/results/projector_<device>.{md,csv} (projector_layernorm_<device> with --layer-norm).
 """
 
 from __future__ import annotations
@@ -42,14 +44,19 @@ from benchmarks.kernel_bench import (
 from vlm_core.kernels.fused_projector import projector_scatter_triton
 
 
-def eager_merge(embeds, features, w1, b1, w2, b2, is_image):
+def eager_merge(embeds, features, w1, b1, w2, b2, is_image, norm_weight=None, norm_bias=None):
     """What VLM.embed_inputs does without the fused kernel."""
+    if norm_weight is not None:
+        features = F.layer_norm(features, (features.shape[-1],), norm_weight, norm_bias)
     tokens = F.linear(F.gelu(F.linear(features, w1, b1)), w2, b2).to(embeds.dtype)
     return embeds.masked_scatter(is_image[:, None], tokens)
 
 
-def setup(images: int, tokens_per_image: int, dims: tuple[int, int, int], dtype, device, seed) -> Workload:
-    """Features, the projector's weights and a packed buffer with text between the images."""
+def setup(
+    images: int, tokens_per_image: int, dims: tuple[int, int, int], dtype, device, seed, layer_norm: bool = False
+) -> Workload:
+    """Features, the projector's weights (LayerNorm's too with ``layer_norm``) and a packed buffer with text
+    between the images."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     dim_v, dim_h, dim = dims
     m = images * tokens_per_image
@@ -69,9 +76,11 @@ def setup(images: int, tokens_per_image: int, dims: tuple[int, int, int], dtype,
 
     inputs = [randn(total, dim), randn(m, dim_v), randn(dim_h, dim_v, scale=dim_v**-0.5), randn(dim_h, scale=0.1),
               randn(dim, dim_h, scale=dim_h**-0.5), randn(dim, scale=0.1)]  # fmt: skip
+    if layer_norm:
+        inputs += [1 + randn(dim_v, scale=0.1), randn(dim_v, scale=0.1)]
     flops = 2.0 * m * (dim_v * dim_h + dim_h * dim)
     workload = Workload({"images": images, "P": tokens_per_image, "D_v": dim_v, "D_h": dim_h, "D": dim, "total": total,
-                         "dtype": str(dtype)[6:]}, inputs, randn(total, dim),
+                         "LayerNorm": layer_norm, "dtype": str(dtype)[6:]}, inputs, randn(total, dim),
                         {"forward": flops, "backward": 2 * flops, "full": 3 * flops}, "TFLOP/s")  # fmt: skip
     workload.is_image = is_image.to(device)
     workload.rows = workload.is_image.nonzero().squeeze(1)
@@ -82,15 +91,12 @@ def setup(images: int, tokens_per_image: int, dims: tuple[int, int, int], dtype,
 def providers(workload: Workload) -> dict:
     is_image, rows = workload.is_image, workload.rows
 
-    def eager(embeds, features, w1, b1, w2, b2):
-        return eager_merge(embeds, features, w1, b1, w2, b2, is_image)
-
-    def ours(embeds, features, w1, b1, w2, b2):
+    def ours(embeds, features, *params):  # params: w1, b1, w2, b2 (, norm weight, norm bias)
         # In place on a copy: the leaf's clone is the buffer the embedding layer would have returned.
-        return projector_scatter_triton(embeds.clone(), features, rows, w1, b1, w2, b2)
+        return projector_scatter_triton(embeds.clone(), features, rows, *params)
 
-    def eager_with_copy(embeds, features, w1, b1, w2, b2):  # the same copy, so both pay for it
-        return eager(embeds.clone(), features, w1, b1, w2, b2)
+    def eager_with_copy(embeds, features, *params):  # the same copy, so both pay for it
+        return eager_merge(embeds.clone(), features, *params[:4], is_image, *params[4:])
 
     return standard_providers(eager_with_copy, ours)
 
@@ -101,17 +107,19 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser.add_argument("--images", type=int, nargs="+", default=None, help="N_img (default 16 32 64; 3 for --smoke)")
     parser.add_argument("--tokens-per-image", type=int, default=None, help="P (default 576; 9 for --smoke)")
     parser.add_argument("--dims", type=int, nargs=3, default=None, help="D_v D_h D (default 1024 4096 4096)")
+    parser.add_argument("--layer-norm", action="store_true", help="InternVL's projector: a LayerNorm over D_v first")
     args = parser.parse_args(argv)
     finish_arguments(args)
     images = args.images or ([3] if args.smoke else [16, 32, 64])
     tokens_per_image = args.tokens_per_image or (9 if args.smoke else 576)
     dims = tuple(args.dims or ((24, 40, 36) if args.smoke else (1024, 4096, 4096)))
     dtype = DTYPES[args.dtype]
-    workloads = [lambda n=n: setup(n, tokens_per_image, dims, dtype, args.device, args.seed) for n in images]
+    workloads = [lambda n=n: setup(n, tokens_per_image, dims, dtype, args.device, args.seed, args.layer_norm)
+                 for n in images]  # fmt: skip
     extra = ["FLOPs: 2 M (D_v D_h + D_h D) forward, x2 backward, x3 full (M = images x P)",
              "every provider copies the [total, D] buffer once (the embedding output it writes into)"]  # fmt: skip
     return main_loop("Projector merge benchmark", "bench_projector.py", workloads, providers, args, argv, extra,
-                     "projector")  # fmt: skip
+                     "projector_layernorm" if args.layer_norm else "projector")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -191,9 +191,14 @@ def _projector(dtype: torch.dtype, sink: list[Launch]) -> None:
     rows = torch.arange(m, dtype=torch.int64)
     w1, b1 = torch.empty(dim_h, dim_v, dtype=dtype), torch.empty(dim_h, dtype=dtype)
     w2, b2 = torch.empty(dim, dim_h, dtype=dtype), torch.empty(dim, dtype=dtype)
+    norm_wb = torch.empty(dim_v, dtype=dtype), torch.empty(dim_v, dtype=dtype)
     with recording(fp, fp, "projector", f"{_DTYPES[dtype]} {m}x{dim_v}->{dim_h}->{dim}", sink):
-        pre = fp._forward(embeds, x, rows, w1, b1, w2, b2)
-        fp._backward(embeds, x, rows, w1, w2, pre, (True,) * 5)
+        pre = fp._forward(embeds, x, rows, w1, b1, w2, b2, None)
+        fp._backward(embeds, x, rows, w1, w2, pre, None, (True,) * 5 + (False,) * 2)
+        # with InternVL's LayerNorm in GEMM 1's loads: the same GEMMs, two of them with a +LayerNorm variant
+        norm = fp._Norm(*fp._layer_norm_stats(x, 1e-5), *norm_wb)
+        pre = fp._forward(embeds, x, rows, w1, b1, w2, b2, norm)
+        fp._backward(embeds, x, rows, w1, w2, pre, norm, (True,) * 7)
 
 
 def _linear_cross_entropy(dtype: torch.dtype, sink: list[Launch]) -> None:
@@ -234,8 +239,10 @@ _PROJECTOR_KINDS = ("fwd_gelu", "fwd_scatter", "bwd_dact", "bwd_dw2", "bwd_dw1",
 
 def kernel_label(launch: Launch) -> str:
     """The kernel's name, plus which of its variants this launch is where one kernel serves several."""
-    if launch.name == "matmul":  # fused_projector: the 6th positional argument is the GEMM's kind
-        return f"matmul {_PROJECTOR_KINDS[launch.args[11]]}"
+    if launch.name == "matmul":  # fused_projector: one kernel for its six GEMMs, two with a LayerNorm variant
+        named = launch.named()
+        norm = " +LayerNorm" if named["NORM_A"] or named["NORM_B"] else ""
+        return f"matmul {_PROJECTOR_KINDS[named['kind']]}{norm}"
     if launch.name == "rope":
         return "rope bwd" if launch.kwargs.get("BACKWARD") else "rope fwd"
     return launch.name

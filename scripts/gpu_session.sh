@@ -79,6 +79,7 @@ fused)
     run projector "$py" benchmarks/bench_projector.py $(smoke_flag)
     run linear-ce "$py" benchmarks/bench_linear_cross_entropy.py $(smoke_flag)
     run norm-swiglu "$py" benchmarks/bench_norm_swiglu.py $(smoke_flag)
+    run projector-layernorm "$py" benchmarks/bench_projector.py --layer-norm $(smoke_flag)
     ;;
 train)
     run train "$py" benchmarks/bench_train.py $(smoke_flag)

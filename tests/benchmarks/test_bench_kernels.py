@@ -21,16 +21,19 @@ def read_rows(csv_path):
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    ("bench", "stem", "unit", "ops"),
-    [(bench_norm_swiglu, "norm_swiglu", "GB/s", 2), (bench_linear_cross_entropy, "linear_cross_entropy", "TFLOP/s", 1),
-     (bench_projector, "projector", "TFLOP/s", 1)],
-    ids=["norm_swiglu", "linear_cross_entropy", "projector"],
-)
-def test_smoke_run_writes_tables_with_header(bench, stem, unit, ops, tmp_path):
-    md_path, csv_path = bench.main(["--smoke", "--modes", "full", "--out-dir", str(tmp_path)])
+    ("bench", "options", "stem", "unit", "ops"),
+    [(bench_norm_swiglu, [], "norm_swiglu", "GB/s", 2),
+     (bench_linear_cross_entropy, [], "linear_cross_entropy", "TFLOP/s", 1),
+     (bench_projector, [], "projector", "TFLOP/s", 1),
+     (bench_projector, ["--layer-norm"], "projector_layernorm", "TFLOP/s", 1)],
+    ids=["norm_swiglu", "linear_cross_entropy", "projector", "projector_layernorm"],
+)  # fmt: skip
+def test_smoke_run_writes_tables_with_header(bench, options, stem, unit, ops, tmp_path):
+    md_path, csv_path = bench.main(["--smoke", "--modes", "full", "--out-dir", str(tmp_path), *options])
     assert md_path.name == f"{stem}_smoke_cpu.md"
     text = md_path.read_text()
-    for key in ("device: CPU", "date: ", "commit: ", "versions: torch", f"command: `python benchmarks/bench_{stem}.py --smoke"):
+    script = bench.__name__.split(".")[-1]
+    for key in ("device: CPU", "date: ", "commit: ", "versions: torch", f"command: `python benchmarks/{script}.py --smoke"):
         assert key in text, f"{key!r} missing from the header:\n{text[:1500]}"
     rows = read_rows(csv_path)
     assert len(rows) == 3 * ops  # eager, compiled, ours per op

@@ -33,14 +33,15 @@ def _stage(root: Path, stage: str, **env) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_fused_stage_archives_its_three_results_and_its_log(copy):
+def test_fused_stage_archives_its_four_results_and_its_log(copy):
     proc = _stage(copy, "fused")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (copy / "out" / "fused.log").read_text()
-    assert log.count(": exit 0") == 3, log
+    assert log.count(": exit 0") == 4, log
     with tarfile.open(copy / "out" / "fused.tar.gz") as tar:
         names = set(tar.getnames())
-    results = {f"benchmarks/results/{op}_smoke_cpu.md" for op in ("projector", "linear_cross_entropy", "norm_swiglu")}
+    ops = ("projector", "linear_cross_entropy", "norm_swiglu", "projector_layernorm")
+    results = {f"benchmarks/results/{op}_smoke_cpu.md" for op in ops}
     assert results | {"./fused.log"} <= names
     assert not any(n.startswith("benchmarks/results/triton_compile") for n in names)  # only what this stage wrote
 
@@ -49,7 +50,7 @@ def test_a_spent_budget_skips_the_steps_and_still_archives_the_log(copy):
     proc = _stage(copy, "fused", STAGE_BUDGET_S="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (copy / "out" / "fused.log").read_text()
-    assert log.count("budget is spent") == 3 and "exit" not in log
+    assert log.count("budget is spent") == 4 and "exit" not in log
     with tarfile.open(copy / "out" / "fused.tar.gz") as tar:
         assert tar.getnames() == ["./fused.log"]
 

@@ -86,6 +86,10 @@ def export_problems(cfg: ModelConfig) -> list[str]:
             f"model.projector_hidden={cfg.projector_hidden} differs from model.dim={cfg.dim}; LLaVA's projector is "
             "Linear(D_v, D), GELU, Linear(D, D)"
         )
+    if cfg.projector_layer_norm:
+        problems.append(
+            "model.projector_layer_norm=true: LLaVA's multi_modal_projector has no LayerNorm (Linear, GELU, Linear)"
+        )
     v = cfg.vision
     if v.class_token and not (v.pre_norm and not v.final_norm):
         problems.append(

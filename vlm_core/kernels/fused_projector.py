@@ -6,6 +6,9 @@
 Eager PyTorch does this in five passes over [M, *] tensors (two GEMMs, GELU, a dtype cast and a
 masked_scatter/concat with copies). Here:
 
+- the optional LayerNorm is applied in GEMM 1's loads: a row-statistics kernel writes mean and 1/std
+  per row ([M] float32 each), and GEMM 1 normalizes each A tile as it loads it, so the normalized
+  [M, D_v] is neither written nor kept for the backward (the raw features and the two statistics are);
 - forward GEMM 1 adds the bias and applies GELU in its epilogue; it writes the pre-activation (kept
   for the backward) and the activation;
 - forward GEMM 2 adds the bias and stores each row straight into ``embeds[rows[m]]`` (the scatter is
@@ -13,21 +16,22 @@ masked_scatter/concat with copies). Here:
 - backward: d act = (d embeds gathered at rows) @ W2 with GELU's derivative in the epilogue (the
   gather is in the GEMM's loads), d W2 = (gathered d embeds)^T @ gelu(pre) (GELU recomputed in the
   loads, so the activation is never saved), d W1 = d pre^T @ x, d x = d pre @ W1, and the two bias
-  gradients as column sums (the first gathered at rows).
+  gradients as column sums (the first gathered at rows). With the LayerNorm, d W1's loads normalize x
+  again from the saved statistics, and d x is LayerNorm's backward of d pre @ W1: one row kernel that
+  also sums d weight and d bias of the norm, per program, in float32.
 
 Layers, as in STYLE.md: the plain-PyTorch reference (:func:`projector_scatter_reference`), private
 kernels (plain functions, decorated on first use), launchers, an autograd Function, the public
 :func:`projector_scatter` and the thin :class:`FusedProjector` (the state dict of
 ``vlm_core.model.projector.Projector``: ``fc1``, ``fc2``; plus ``norm`` when built with a LayerNorm).
-The optional LayerNorm runs as PyTorch's own fused layer_norm before the fused GEMMs.
-TODO(projector-layernorm): normalise in GEMM 1's loads instead, saving one [M, D_v] round trip.
+InternVL's projector (``mlp1``) puts a LayerNorm before the MLP; LLaVA-1.5's ``mlp2x_gelu`` has none.
 """
 
 from __future__ import annotations
 
 import functools
 import types
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,7 @@ from torch import nn
 
 # _cast and _dot are device helpers the kernels call; make_jit decorates them with them.
 from vlm_core.kernels.triton_runtime import (
+    MAX_ROW_DIM,
     _cast,
     _dot,
     check_can_run,
@@ -43,6 +48,8 @@ from vlm_core.kernels.triton_runtime import (
     interpret_bf16,
     interpreting,
     make_jit,
+    reduction_programs,
+    row_launch_settings,
 )
 
 if TYPE_CHECKING:
@@ -118,6 +125,10 @@ def _matmul_kernel(
     RowsA,
     IndexK,
     RowsC,
+    Mean,
+    Rstd,
+    NormW,
+    NormB,
     M,
     N,
     K,
@@ -136,6 +147,9 @@ def _matmul_kernel(
     HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr,
     SCATTER_C: tl.constexpr,
+    NORM_A: tl.constexpr,
+    NORM_B: tl.constexpr,
+    NORM_HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -150,6 +164,11 @@ def _matmul_kernel(
     at the image rows, in the backward. B[k, n] is at B + k * stride_bk + n * stride_bn, passed
     through GELU when GELU_B. Epilogues: _STORE (+ bias), _BIAS_GELU (Pre := acc + bias, C :=
     gelu(acc + bias)), _GELU_GRAD (C := acc * gelu'(Pre[m, n])). C row m is RowsC[m] when SCATTER_C.
+
+    LayerNorm in the loads, from per-row float32 Mean and Rstd: NORM_A normalizes A's rows (A[m, k] :=
+    (A[m, k] - Mean[m]) * Rstd[m] * NormW[k] + NormB[k], forward GEMM 1); NORM_B normalizes B, whose rows
+    are then the normalized rows (B[k, n] := (B[k, n] - Mean[k]) * Rstd[k] * NormW[n] + NormB[n], d W1).
+    The normalized operand is rounded to the other operand's dtype, where F.layer_norm's output would be.
     """
     # Grouped tile order (the Triton matmul tutorial): GROUP_M row-tiles share the B column-tiles in L2.
     pid = tl.program_id(0)
@@ -169,6 +188,13 @@ def _matmul_kernel(
         a_rows = tl.load(RowsA + offs_m, mask=m_ok, other=0).to(tl.int64)
     else:
         a_rows = offs_m.to(tl.int64)
+    if NORM_A:
+        mean_m = tl.load(Mean + offs_m, mask=m_ok, other=0.0)
+        rstd_m = tl.load(Rstd + offs_m, mask=m_ok, other=0.0)
+    if NORM_B:
+        weight_n = tl.load(NormW + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if NORM_HAS_BIAS:
+            bias_n = tl.load(NormB + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -189,7 +215,20 @@ def _matmul_kernel(
         )
         if GELU_B:
             b = _cast(_gelu(b.to(tl.float32)), B.dtype.element_ty, INTERPRET_BF16)
-        if A.dtype.element_ty != B.dtype.element_ty:  # float32 d embeds against half operands
+        if NORM_B:  # rows k of B are samples; out-of-range k meet zeros in A
+            mean_k = tl.load(Mean + offs_k, mask=k_ok, other=0.0)
+            rstd_k = tl.load(Rstd + offs_k, mask=k_ok, other=0.0)
+            normed = (b.to(tl.float32) - mean_k[:, None]) * rstd_k[:, None] * weight_n[None, :]
+            if NORM_HAS_BIAS:
+                normed += bias_n[None, :]
+            b = _cast(normed, A.dtype.element_ty, INTERPRET_BF16)
+        if NORM_A:  # out-of-range k load zero weight and bias, so they stay zero
+            weight_k = tl.load(NormW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            normed = (a.to(tl.float32) - mean_m[:, None]) * rstd_m[:, None] * weight_k[None, :]
+            if NORM_HAS_BIAS:
+                normed += tl.load(NormB + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            a = _cast(normed, B.dtype.element_ty, INTERPRET_BF16)
+        elif A.dtype.element_ty != B.dtype.element_ty:  # float32 d embeds against half operands
             a = _cast(a.to(tl.float32), B.dtype.element_ty, INTERPRET_BF16)
         acc = _dot(a, b, acc, DOT_PRECISION, INTERPRET_BF16)
 
@@ -227,6 +266,74 @@ def _column_sum_kernel(X, Rows, Out, M, N, stride_m, GATHER: tl.constexpr, BLOCK
         x = tl.load(X + rows[:, None] * stride_m + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
     tl.store(Out + offs_n, acc, mask=n_ok)
+
+
+def _layer_norm_stats_kernel(
+    X, Mean, Rstd, n_rows, dim, stride_m, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """Mean[m] and Rstd[m] = 1 / sqrt(var + eps) of BLOCK_M whole rows of X, in float32, two passes
+    over the row in registers (mean, then the variance about it), as F.layer_norm."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    col_ok = cols < dim
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / dim
+    centered = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, 1) / dim + eps)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+def _layer_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DX,
+    DWPartial,
+    DBPartial,
+    n_rows,
+    dim,
+    WANT_DX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+):
+    """Grid-stride over row blocks: LayerNorm's dx per row, and this program's float32 partial sums of
+    d weight and d bias. With xhat = (x - mean) * rstd and g = dy * w:
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), d weight = sum of dy * xhat, d bias = sum of dy.
+    DY, X and DX are [n_rows, dim] contiguous; DX may be DY (each element is read before it is written).
+    """
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_M
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_D], tl.float32)
+    for start in range(pid * BLOCK_M, n_rows, step):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        offsets = rows[:, None].to(tl.int64) * dim + cols[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dw += tl.sum(dy * xhat, 0)
+        db += tl.sum(dy, 0)
+        if WANT_DX:
+            g = dy * w[None, :]
+            mean_g = tl.sum(g, 1) / dim  # [BLOCK_M]
+            mean_gx = tl.sum(g * xhat, 1) / dim
+            dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+            tl.store(DX + offsets, _cast(dx, DX.dtype.element_ty, INTERPRET_BF16), mask=mask)
+    tl.store(DWPartial + pid * dim + cols, dw, mask=col_ok)
+    tl.store(DBPartial + pid * dim + cols, db, mask=col_ok)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for triton.autotune on a GPU: the Triton matmul
@@ -268,7 +375,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     else:
 
         def keep_for_dtype(configs, named_args, **kwargs):
-            wanted = _GPU_FP32_CONFIGS if named_args["A"].dtype == torch.float32 else _GPU_CONFIGS
+            # the products' dtype, not A's: float32 d embeds (autocast) or features (LayerNorm) meet half weights
+            wanted = _GPU_FP32_CONFIGS if kwargs["DOT_PRECISION"] == "ieee" else _GPU_CONFIGS
             return [
                 c
                 for c in configs
@@ -280,12 +388,33 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             key=key,
             prune_configs_by={"early_config_prune": keep_for_dtype},
         )(jit(_matmul_kernel))
-    return types.SimpleNamespace(matmul=matmul, column_sum=jit(_column_sum_kernel))
+    return types.SimpleNamespace(
+        matmul=matmul,
+        column_sum=jit(_column_sum_kernel),
+        layer_norm_stats=jit(_layer_norm_stats_kernel),
+        layer_norm_backward=jit(_layer_norm_bwd_kernel),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+
+
+class _Norm(NamedTuple):
+    """A LayerNorm applied in a GEMM's loads: per-row float32 statistics and the norm's parameters."""
+
+    mean: torch.Tensor  # [M] float32
+    rstd: torch.Tensor  # [M] float32, 1 / sqrt(var + eps)
+    weight: torch.Tensor  # [D_v]
+    bias: torch.Tensor | None  # [D_v]
+
+
+def _dot_precision(a: torch.Tensor, b: torch.Tensor, norm_a: _Norm | None, norm_b: _Norm | None) -> str:
+    """The kernel rounds the operand that is transformed in its loads (or A, when neither is) to the other's
+    dtype; float32 products are exact ("ieee"), half ones run on tensor cores ("tf32" is then ignored)."""
+    operands = a.dtype if norm_b is not None else b.dtype
+    return "ieee" if operands == torch.float32 else "tf32"
 
 
 def _matmul(
@@ -306,16 +435,24 @@ def _matmul(
     epilogue: int = _STORE,
     pre: torch.Tensor | None = None,
     rows_c: torch.Tensor | None = None,
+    norm_a: _Norm | None = None,
+    norm_b: _Norm | None = None,
 ) -> None:
     """One launch of _matmul_kernel; a, b, c row-major storage with the given (row, column) strides of the
-    logical operands A [m, k] and B [k, n]; c is [m or rows, n] row-major."""
+    logical operands A [m, k] and B [k, n]; c is [m or rows, n] row-major. norm_a / norm_b: the LayerNorm
+    applied to A's rows / B's rows as they are loaded."""
     import triton
 
     if m == 0 or n == 0:
         return
+    if norm_a is not None and norm_b is not None:
+        raise ValueError("_matmul: a LayerNorm in the loads of A or of B, not both")
     dummy = c  # pointer arguments the flags leave unused
     pre_t = pre if pre is not None else dummy
-    bf16 = interpret_bf16(a.dtype) or interpret_bf16(c.dtype)
+    norm = norm_a if norm_a is not None else norm_b
+    norm_args = (dummy,) * 4 if norm is None else (norm.mean, norm.rstd, norm.weight,
+                                                   norm.bias if norm.bias is not None else dummy)  # fmt: skip
+    bf16 = interpret_bf16(a.dtype) or interpret_bf16(b.dtype) or interpret_bf16(c.dtype)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -323,13 +460,14 @@ def _matmul(
     _kernels(interpreting()).matmul[grid](
         a, b, c, bias if bias is not None else dummy, pre_t,
         rows_a if rows_a is not None else dummy, index_k if index_k is not None else dummy,
-        rows_c if rows_c is not None else dummy,
+        rows_c if rows_c is not None else dummy, *norm_args,
         m, n, k, kind,
         a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
         pre_t.stride(0), pre_t.stride(1),
         GATHER_A_ROWS=rows_a is not None, GATHER_K=index_k is not None, GELU_B=gelu_b,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, SCATTER_C=rows_c is not None,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", INTERPRET_BF16=bf16,
+        NORM_A=norm_a is not None, NORM_B=norm_b is not None, NORM_HAS_BIAS=norm is not None and norm.bias is not None,
+        DOT_PRECISION=_dot_precision(a, b, norm_a, norm_b), INTERPRET_BF16=bf16,
     )  # fmt: skip
 
 
@@ -347,29 +485,71 @@ def _column_sum(x: torch.Tensor, m: int, rows: torch.Tensor | None, out_dtype: t
     return out.to(out_dtype)
 
 
-def _forward(embeds, x, rows, w1, b1, w2, b2) -> torch.Tensor:
-    """Writes the projected x into embeds[rows] in place; returns pre [M, D_h] (compute dtype)."""
+def _layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean and 1 / sqrt(var + eps) of x [M, D_v], float32."""
+    import triton
+
+    m, dim_v = x.shape
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return mean, rstd
+    block_m, block_d, num_warps = row_launch_settings(dim_v)
+    _kernels(interpreting()).layer_norm_stats[(triton.cdiv(m, block_m),)](
+        x, mean, rstd, m, dim_v, x.stride(0), eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
+    )
+    return mean, rstd
+
+
+def _layer_norm_backward(
+    grad_normed: torch.Tensor, x: torch.Tensor, norm: _Norm, want_dx: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(d x in x's dtype or None, d weight, d bias float32) of the LayerNorm, from d normed [M, D_v].
+    d x overwrites grad_normed when the dtypes agree."""
+    import triton
+
+    m, dim_v = x.shape
+    block_m, block_d, num_warps = row_launch_settings(dim_v)
+    programs = reduction_programs(triton.cdiv(m, block_m), x.device)
+    partial = torch.empty((2, programs, dim_v), dtype=torch.float32, device=x.device)
+    grad_x = None
+    if want_dx:
+        grad_x = grad_normed if grad_normed.dtype == x.dtype else torch.empty_like(x)
+    bf16 = interpret_bf16(x.dtype) or interpret_bf16(grad_normed.dtype)
+    _kernels(interpreting()).layer_norm_backward[(programs,)](
+        grad_normed, x, norm.weight, norm.mean, norm.rstd, grad_x if want_dx else grad_normed, partial[0],
+        partial[1], m, dim_v, WANT_DX=want_dx, BLOCK_M=block_m, BLOCK_D=block_d, INTERPRET_BF16=bf16,
+        num_warps=num_warps,
+    )  # fmt: skip
+    sums = partial.sum(1)
+    return grad_x, sums[0], sums[1]
+
+
+def _forward(embeds, x, rows, w1, b1, w2, b2, norm: _Norm | None) -> torch.Tensor:
+    """Writes the projected x (LayerNormed in GEMM 1's loads with ``norm``) into embeds[rows] in place;
+    returns pre [M, D_h] (compute dtype)."""
     m, dim_v = x.shape
     dim_h = w1.shape[0]
     dim = w2.shape[0]
-    pre = torch.empty((m, dim_h), dtype=x.dtype, device=x.device)
-    act = torch.empty((m, dim_h), dtype=x.dtype, device=x.device)
-    # act = gelu(x @ w1^T + b1): A = x [m, D_v]; B[k, n] = w1[n, k].
+    pre = torch.empty((m, dim_h), dtype=w1.dtype, device=x.device)
+    act = torch.empty((m, dim_h), dtype=w1.dtype, device=x.device)
+    # act = gelu(norm(x) @ w1^T + b1): A = x [m, D_v]; B[k, n] = w1[n, k].
     _matmul(_FWD_GELU, x, (dim_v, 1), w1, (1, dim_v), act, m, dim_h, dim_v,
-            bias=b1, epilogue=_BIAS_GELU, pre=pre)  # fmt: skip
+            bias=b1, epilogue=_BIAS_GELU, pre=pre, norm_a=norm)  # fmt: skip
     # embeds[rows] = act @ w2^T + b2: B[k, n] = w2[n, k]; the store is the scatter.
     _matmul(_FWD_SCATTER, act, (dim_h, 1), w2, (1, dim_h), embeds, m, dim, dim_h, bias=b2, rows_c=rows)
     return pre
 
 
-def _backward(grad_embeds, x, rows, w1, w2, pre, needs):
-    """(d x, d w1, d b1, d w2, d b2) in float32-accumulated compute dtype (None where not needed)."""
+def _backward(grad_embeds, x, rows, w1, w2, pre, norm: _Norm | None, needs):
+    """(d x, d w1, d b1, d w2, d b2, d norm weight, d norm bias), float32-accumulated (None where not needed)."""
     m, dim_v = x.shape
     dim_h = w1.shape[0]
     dim = w2.shape[0]
-    need_x, need_w1, need_b1, need_w2, need_b2 = needs
+    need_x, need_w1, need_b1, need_w2, need_b2, need_norm_w, need_norm_b = needs
+    need_normed = need_x or need_norm_w or need_norm_b  # d of GEMM 1's (normalized) input
     stride_g = grad_embeds.stride(0)
-    grad_w2 = grad_b2 = grad_w1 = grad_b1 = grad_x = None
+    grad_w2 = grad_b2 = grad_w1 = grad_b1 = grad_x = grad_norm_w = grad_norm_b = None
     if need_w2:
         # d w2 [D, D_h] = G[rows]^T @ gelu(pre): A[i, t] = G[rows[t], i]; B[t, j] = gelu(pre[t, j]).
         grad_w2 = torch.empty((dim, dim_h), dtype=torch.float32, device=x.device)
@@ -377,55 +557,65 @@ def _backward(grad_embeds, x, rows, w1, w2, pre, needs):
                 index_k=rows, gelu_b=True)  # fmt: skip
     if need_b2:
         grad_b2 = _column_sum(grad_embeds, m, rows, torch.float32)
-    if need_x or need_w1 or need_b1:
+    if need_normed or need_w1 or need_b1:
         # d pre [M, D_h] = (G[rows] @ w2) * gelu'(pre): A[t, k] = G[rows[t], k]; B[k, n] = w2[k, n].
-        grad_pre = torch.empty((m, dim_h), dtype=x.dtype, device=x.device)
+        grad_pre = torch.empty((m, dim_h), dtype=w1.dtype, device=x.device)
         _matmul(_BWD_DACT, grad_embeds, (stride_g, 1), w2, (dim_h, 1), grad_pre, m, dim_h, dim,
                 rows_a=rows, epilogue=_GELU_GRAD, pre=pre)  # fmt: skip
         if need_w1:
-            # d w1 [D_h, D_v] = d pre^T @ x: A[i, t] = dpre[t, i]; B[t, j] = x[t, j].
+            # d w1 [D_h, D_v] = d pre^T @ norm(x): A[i, t] = dpre[t, i]; B[t, j] = norm(x)[t, j].
             grad_w1 = torch.empty((dim_h, dim_v), dtype=torch.float32, device=x.device)
-            _matmul(_BWD_DW1, grad_pre, (1, dim_h), x, (dim_v, 1), grad_w1, dim_h, dim_v, m)
+            _matmul(_BWD_DW1, grad_pre, (1, dim_h), x, (dim_v, 1), grad_w1, dim_h, dim_v, m, norm_b=norm)
         if need_b1:
             grad_b1 = _column_sum(grad_pre, m, None, torch.float32)
-        if need_x:
-            # d x [M, D_v] = d pre @ w1: B[k, n] = w1[k, n].
-            grad_x = torch.empty((m, dim_v), dtype=x.dtype, device=x.device)
+        if need_normed:
+            # d norm(x) [M, D_v] = d pre @ w1: B[k, n] = w1[k, n]; then the LayerNorm's backward.
+            grad_x = torch.empty((m, dim_v), dtype=w1.dtype, device=x.device)
             _matmul(_BWD_DX, grad_pre, (dim_h, 1), w1, (dim_v, 1), grad_x, m, dim_v, dim_h)
-    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+            if norm is not None:
+                grad_x, grad_norm_w, grad_norm_b = _layer_norm_backward(grad_x, x, norm, need_x)
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_norm_w, grad_norm_b
 
 
 class _ProjectorScatterFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeds, features, rows, w1, b1, w2, b2):
+    def forward(ctx, embeds, features, rows, w1, b1, w2, b2, norm_w, norm_b, norm_eps):
         dtype = compute_dtype(features)
         with torch.autocast(features.device.type, enabled=False):
-            x = features.to(dtype).contiguous()
             w1c, w2c = w1.to(dtype).contiguous(), w2.to(dtype).contiguous()
-            pre = _forward(embeds, x, rows, w1c, b1, w2c, b2)
+            norm = None
+            if norm_w is None:
+                x = features.to(dtype).contiguous()
+            else:  # normalized in features' own dtype, as autocast runs layer_norm in float32
+                x = features.contiguous()
+                norm = _Norm(*_layer_norm_stats(x, norm_eps), norm_w.contiguous(),
+                             None if norm_b is None else norm_b.contiguous())  # fmt: skip
+            pre = _forward(embeds, x, rows, w1c, b1, w2c, b2, norm)
         ctx.mark_dirty(embeds)
-        ctx.save_for_backward(x, rows, w1c, w2c, pre)
-        ctx.dtypes = (features.dtype, w1.dtype, None if b1 is None else b1.dtype, w2.dtype,
-                      None if b2 is None else b2.dtype)  # fmt: skip
+        saved = (x, rows, w1c, w2c, pre) + (() if norm is None else (norm.mean, norm.rstd, norm.weight))
+        ctx.save_for_backward(*saved, norm_b)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (features, w1, b1, w2, b2, norm_w, norm_b))
         return embeds
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, rows, w1, w2, pre = ctx.saved_tensors
-        _, need_features, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        needs = (need_features, need_w1, need_b1 and ctx.dtypes[2] is not None, need_w2,
-                 need_b2 and ctx.dtypes[4] is not None)  # fmt: skip
+        *saved, norm_b = ctx.saved_tensors
+        x, rows, w1, w2, pre = saved[:5]
+        norm = _Norm(*saved[5:], norm_b) if len(saved) > 5 else None
+        need = ctx.needs_input_grad
+        # (features, w1, b1, w2, b2, norm weight, norm bias): only the ones that exist and require grad
+        needs = tuple(need[i] and dtype is not None for i, dtype in zip((1, 3, 4, 5, 6, 7, 8), ctx.dtypes))
         grad_out = grad_out.contiguous()
         with torch.autocast(grad_out.device.type, enabled=False):
-            grads = _backward(grad_out, x, rows, w1, w2, pre, needs)  # d embeds cast per tile in the loads
-        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+            grads = _backward(grad_out, x, rows, w1, w2, pre, norm, needs)  # d embeds cast per tile in the loads
+        grads = [g.to(dtype) if wanted else None for g, dtype, wanted in zip(grads, ctx.dtypes, needs)]
         grad_embeds = None
-        if ctx.needs_input_grad[0]:  # the image rows were overwritten: no gradient flows to their old values
+        if need[0]:  # the image rows were overwritten: no gradient flows to their old values
             grad_embeds = grad_out.index_fill(0, rows, 0)
-        return grad_embeds, grads[0], None, grads[1], grads[2], grads[3], grads[4]
+        return (grad_embeds, grads[0], None, *grads[1:], None)
 
 
-def _check_limits(embeds, features, rows, w1, b1, w2, b2) -> None:
+def _check_limits(embeds, features, rows, w1, b1, w2, b2, norm_w, norm_b, norm_eps) -> None:
     check_can_run("projector_scatter_triton", features.device)
     if features.dim() != 2 or embeds.dim() != 2 or w1.dim() != 2 or w2.dim() != 2:
         raise ValueError(
@@ -441,11 +631,22 @@ def _check_limits(embeds, features, rows, w1, b1, w2, b2) -> None:
             f"{tuple(w1.shape)} should be ({dim_h}, {dim_v}), fc2_weight {tuple(w2.shape)} should be "
             f"({dim}, {dim_h}), embeds {tuple(embeds.shape)} should be (total, {dim})"
         )
-    for name, bias, size in (("fc1_bias", b1, dim_h), ("fc2_bias", b2, dim)):
+    if norm_w is None and norm_b is not None:
+        raise ValueError("projector_scatter_triton: norm_bias without norm_weight; pass both, or norm_weight alone")
+    if norm_w is not None:
+        if dim_v > MAX_ROW_DIM:
+            raise ValueError(
+                f"projector_scatter_triton: D_v={dim_v} > {MAX_ROW_DIM}, the widest row the LayerNorm kernels hold"
+            )
+        if not norm_eps > 0:
+            raise ValueError(f"projector_scatter_triton: norm_eps={norm_eps!r} must be positive")
+    for name, bias, size in (("fc1_bias", b1, dim_h), ("fc2_bias", b2, dim), ("norm_weight", norm_w, dim_v),
+                             ("norm_bias", norm_b, dim_v)):  # fmt: skip
         if bias is not None and bias.shape != (size,):
             raise ValueError(f"projector_scatter_triton: {name} has shape {tuple(bias.shape)}, expected ({size},)")
     for name, tensor in (("embeds", embeds), ("features", features), ("fc1_weight", w1), ("fc2_weight", w2),
-                         ("fc1_bias", b1), ("fc2_bias", b2)):  # fmt: skip
+                         ("fc1_bias", b1), ("fc2_bias", b2), ("norm_weight", norm_w),
+                         ("norm_bias", norm_b)):  # fmt: skip
         if tensor is None:
             continue
         check_dtype("projector_scatter_triton", name, tensor)
@@ -468,8 +669,12 @@ def projector_scatter_triton(
     fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Project ``features`` with the 2-layer GELU MLP and write row m into ``embeds[rows[m]]``, fused; returns embeds.
+    """Project ``features`` with the (LayerNorm +) 2-layer GELU MLP and write row m into ``embeds[rows[m]]``,
+    fused; returns embeds.
 
     Arguments:
         embeds: (total, D) contiguous, the packed sequence buffer; updated in place (autograd sees an
@@ -478,21 +683,26 @@ def projector_scatter_triton(
         rows: (M,) int32/int64, distinct, each in [0, total) (not checked on the device: the
             caller's image-token positions, e.g. ``(input_ids == image_token_id).nonzero()``).
         fc1_weight: (D_h, D_v); fc1_bias: (D_h,) or None; fc2_weight: (D, D_h); fc2_bias: (D,) or None.
+        norm_weight, norm_bias: (D_v,) each, or None: a LayerNorm over D_v before fc1 (with norm_eps > 0)
+            when norm_weight is given; D_v <= 65536 then.
     Returns:
-        embeds. Differentiable in embeds, features and the four parameters.
+        embeds. Differentiable in embeds, features and the parameters.
 
     float16, bfloat16 or float32 (mixed allowed); the GEMMs run in features' dtype, or autocast's when
     autocast is on (inputs cast once, as F.linear under autocast would), with float32 accumulation;
-    bias, GELU (exact erf) and their gradients in float32; the projected rows are stored in embeds'
-    dtype; parameter gradients accumulate in float32 over all M tokens and are rounded once. CUDA
+    bias, GELU (exact erf) and their gradients in float32; the LayerNorm's statistics, normalization
+    and backward in float32 from features in their own dtype, the normalized rows rounded to the GEMM's
+    dtype in its loads (where autocast would round F.layer_norm's float32 output); the projected rows are
+    stored in embeds' dtype; parameter gradients accumulate in float32 over all M tokens and are rounded once. CUDA
     tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only). Every limit raises ValueError.
     Tested in tests/vlm_core/kernels/test_fused_projector.py against a float64 reference
     (interpreter on the CPU; the GPU cases there, LLaVA-1.5 widths, were not run when this was written).
     """
-    _check_limits(embeds, features, rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _check_limits(embeds, features, rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, norm_bias, norm_eps)
     return _ProjectorScatterFunction.apply(
-        embeds, features, rows.contiguous(), fc1_weight, fc1_bias, fc2_weight, fc2_bias
-    )
+        embeds, features, rows.contiguous(), fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, norm_bias,
+        float(norm_eps),
+    )  # fmt: skip
 
 
 def projector_scatter(
@@ -503,32 +713,50 @@ def projector_scatter(
     fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
     impl: str = "reference",
 ) -> torch.Tensor:
     """embeds with rows[m] := projector(features[m]), through ``impl``: "triton" writes embeds in place,
     "reference" returns a new tensor. Use the returned tensor either way."""
+    args = (embeds, features, rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, norm_bias, norm_eps)
     if impl == "triton":
-        return projector_scatter_triton(embeds, features, rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        return projector_scatter_triton(*args)
     if impl == "reference":
-        return projector_scatter_reference(embeds, features, rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        return projector_scatter_reference(*args)
     raise ValueError(f"projector_scatter: unknown impl={impl!r}; expected 'reference' or 'triton'")
 
 
 def fusable_projector_problem(projector: nn.Module) -> str:
     """Why ``projector`` cannot run fused ("" if it can): it needs plain ``fc1``/``fc2`` nn.Linear layers
-    (a tensor-parallel projector, say, shards them and needs its own collectives)."""
+    (a tensor-parallel projector, say, shards them and needs its own collectives), and a ``norm`` that is
+    None or an nn.LayerNorm with a weight over the last dim."""
     for name in ("fc1", "fc2"):
         layer = getattr(projector, name, None)
         if type(layer) is not nn.Linear:
             return f"projector.{name} is {type(layer).__name__}, not a plain nn.Linear"
+    norm = getattr(projector, "norm", None)
+    plain_norm = type(norm) is nn.LayerNorm and norm.weight is not None and norm.weight.dim() == 1
+    if norm is not None and not plain_norm:
+        return f"projector.norm is {type(norm).__name__} without a weight over the last dim, not a plain nn.LayerNorm"
     return ""
+
+
+def projector_module_scatter(projector: nn.Module, features: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor):
+    """:func:`projector_scatter_triton` with the parameters of ``projector`` (``norm``: None or nn.LayerNorm,
+    ``fc1``, ``fc2``; see :func:`fusable_projector_problem`); features [M, D_v]; returns embeds."""
+    norm = getattr(projector, "norm", None)
+    fc1, fc2 = projector.fc1, projector.fc2
+    norm_args = () if norm is None else (norm.weight, norm.bias, norm.eps)
+    return projector_scatter_triton(embeds, features, rows, fc1.weight, fc1.bias, fc2.weight, fc2.bias, *norm_args)
 
 
 class FusedProjector(nn.Module):
     """(LayerNorm) -> Linear(D_v -> D_h) -> GELU -> Linear(D_h -> D), fused and scattered into the packed buffer.
 
-    State dict: ``fc1.*``, ``fc2.*`` as ``vlm_core.model.projector.Projector`` (checkpoints load in
-    either direction), plus ``norm.*`` with ``layer_norm=True``.
+    State dict: that of ``vlm_core.model.projector.Projector`` built with the same ``layer_norm``
+    (``fc1.*``, ``fc2.*``, plus ``norm.*`` with a LayerNorm); checkpoints load in either direction.
 
     ``forward(features)``: [..., D_v] -> [..., D]. ``forward(features, embeds, rows)``: writes the
     projected features [M, D_v] into ``embeds[rows]`` in place and returns embeds.
@@ -543,25 +771,21 @@ class FusedProjector(nn.Module):
     def forward(
         self, features: torch.Tensor, embeds: torch.Tensor | None = None, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.norm is not None:
-            features = self.norm(features)
         dim_v = features.shape[-1]
+        flat = features.reshape(-1, dim_v)  # [M, D_v]
         if embeds is None:
-            flat = features.reshape(-1, dim_v)  # [M, D_v]
             out = torch.empty((flat.shape[0], self.fc2.out_features), dtype=compute_dtype(flat), device=flat.device)
-            rows = torch.arange(flat.shape[0], device=flat.device)
-            out = projector_scatter_triton(out, flat, rows, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            out = projector_module_scatter(self, flat, out, torch.arange(flat.shape[0], device=flat.device))
             return out.view(*features.shape[:-1], self.fc2.out_features)
         if rows is None:
             raise ValueError("FusedProjector: pass rows (the packed image-token positions) together with embeds")
-        return projector_scatter_triton(
-            embeds, features.reshape(-1, dim_v), rows, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
-        )
+        return projector_module_scatter(self, flat, embeds, rows)
 
 
 __all__ = [
     "FusedProjector",
     "fusable_projector_problem",
+    "projector_module_scatter",
     "projector_reference",
     "projector_scatter",
     "projector_scatter_reference",

@@ -22,18 +22,21 @@ from torch import nn
 
 # _cast is a device helper the kernels call; make_jit decorates it with them.
 from vlm_core.kernels.triton_runtime import (
+    MAX_ROW_DIM,
     _cast,
     check_can_run,
     check_dtype,
     interpret_bf16,
     interpreting,
     make_jit,
+    reduction_programs,
+    row_launch_settings,
 )
 
 if TYPE_CHECKING:
     import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
 
-MAX_DIM = 65536  # one row lives in registers: 64k float32 values per program is Liger's limit too
+MAX_DIM = MAX_ROW_DIM
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,16 +134,6 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 # --------------------------------------------------------------------------------------------
 
 
-def _launch_settings(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows per program, BLOCK_D, num_warps). Warps grow with the row as in Liger's
-    calculate_settings (4 below 2048, 8, 16 from 8192, 32 from 32768); narrow rows share a program so
-    that each program holds ~4k elements (D=128: 32 rows). Not yet tuned on a GPU."""
-    block_d = max(16, 1 << (dim - 1).bit_length())
-    num_warps = 32 if block_d >= 32768 else 16 if block_d >= 8192 else 8 if block_d >= 2048 else 4
-    block_m = max(1, min(64, 4096 // block_d))
-    return block_m, block_d, num_warps
-
-
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x2d [N, D] contiguous -> y [N, D] in promote(x, weight) dtype, rstd [N] float32."""
     import triton
@@ -149,7 +142,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch
     out_dtype = torch.promote_types(x2d.dtype, weight.dtype)
     y = torch.empty((n_rows, dim), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
-    block_m, block_d, num_warps = _launch_settings(dim)
+    block_m, block_d, num_warps = row_launch_settings(dim)
     bf16 = interpret_bf16(x2d.dtype) or interpret_bf16(out_dtype)
     _kernels(interpreting()).forward[(triton.cdiv(n_rows, block_m),)](
         x2d, weight, y, rstd, n_rows, dim, eps,
@@ -166,12 +159,8 @@ def _backward(
 
     n_rows, dim = x2d.shape
     dx = torch.empty_like(x2d)
-    block_m, block_d, num_warps = _launch_settings(dim)
-    blocks = triton.cdiv(n_rows, block_m)
-    if x2d.is_cuda:  # enough programs to fill the GPU, few enough that the partial sums stay small
-        programs = min(blocks, 4 * torch.cuda.get_device_properties(x2d.device).multi_processor_count)
-    else:
-        programs = min(blocks, 4)
+    block_m, block_d, num_warps = row_launch_settings(dim)
+    programs = reduction_programs(triton.cdiv(n_rows, block_m), x2d.device)
     partial = torch.empty((programs, dim), dtype=torch.float32, device=x2d.device)
     bf16 = interpret_bf16(x2d.dtype) or interpret_bf16(dy.dtype)
     _kernels(interpreting()).backward[(programs,)](

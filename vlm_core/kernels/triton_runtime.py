@@ -133,6 +133,28 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
+MAX_ROW_DIM = 65536  # a row kernel holds one row in registers: 64k float32 values per program is Liger's limit too
+
+
+def row_launch_settings(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows per program, BLOCK_D, num_warps) of a kernel that holds whole rows of ``dim`` values.
+    Warps grow with the row as in Liger's calculate_settings (4 below 2048, 8, 16 from 8192, 32 from
+    32768); narrow rows share a program so that each program holds ~4k elements (D=128: 32 rows).
+    Not yet tuned on a GPU."""
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    num_warps = 32 if block_d >= 32768 else 16 if block_d >= 8192 else 8 if block_d >= 2048 else 4
+    block_m = max(1, min(64, 4096 // block_d))
+    return block_m, block_d, num_warps
+
+
+def reduction_programs(blocks: int, device: torch.device) -> int:
+    """Programs of a grid-stride row kernel that also sums over rows (one float32 partial row each): enough
+    to fill the GPU, few enough that the partial sums stay small."""
+    if device.type == "cuda":
+        return max(1, min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(blocks, 4))
+
+
 def interpret_bf16(dtype: torch.dtype) -> bool:
     """Do the kernels need the interpreter's bfloat16 workarounds (see _dot and _cast) for ``dtype``?"""
     return dtype == torch.bfloat16 and interpreting()
@@ -169,6 +191,7 @@ def _cast(x, dtype, INTERPRET_BF16: tl.constexpr):
 DEVICE_HELPERS = (_dot, _cast)
 
 __all__ = [
+    "MAX_ROW_DIM",
     "check_can_run",
     "check_dtype",
     "compute_dtype",
@@ -176,5 +199,7 @@ __all__ = [
     "interpreting",
     "library_interpreted",
     "make_jit",
+    "reduction_programs",
+    "row_launch_settings",
     "triton_status",
 ]

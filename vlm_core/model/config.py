@@ -105,7 +105,7 @@ class HFSourceConfig:
 
 @dataclass
 class ModelConfig:
-    """A LLaVA-style VLM: ViT → MLP projector (GELU) → decoder (RMSNorm, RoPE, SwiGLU, GQA)."""
+    """A LLaVA-style VLM: ViT → (LayerNorm →) MLP projector (GELU) → decoder (RMSNorm, RoPE, SwiGLU, GQA)."""
 
     # Resolved from other fields in __post_init__; the Hydra schema keeps them None so overrides of
     # ``dim`` still move them (vlm_core.cli resets them after building the schema's defaults).
@@ -114,6 +114,7 @@ class ModelConfig:
     name: str = "tiny"
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector_hidden: Optional[int] = None  # D_h of the projector MLP; None = decoder dim
+    projector_layer_norm: bool = False  # a LayerNorm over the vision features before the MLP (InternVL's mlp1)
     dim: int = 128  # D
     layers: int = 4
     heads: int = 8  # Hq; 8 heads of 16 vs 4 of 32, one 3000-step run each: held-out colour 0.87 vs 0.45

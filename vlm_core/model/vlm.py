@@ -9,7 +9,7 @@ from torch import nn
 
 from vlm_core.kernels.fused_projector import (
     fusable_projector_problem,
-    projector_scatter_triton,
+    projector_module_scatter,
 )
 from vlm_core.model.config import ModelConfig
 from vlm_core.model.decoder import Decoder, RMSNorm
@@ -24,7 +24,7 @@ class VLM(nn.Module):
 
     Parts (training freezes and unfreezes them by these attribute names):
         vision:    VisionTower, images [N_img, C, H, W] -> [N_img, P, D_v]
-        projector: Projector, [.., D_v] -> [.., D]
+        projector: Projector, [.., D_v] -> [.., D] ((LayerNorm,) fc1, GELU, fc2)
         decoder:   Decoder, packed embeddings [total, D] -> hidden [total, D] -> logits [total, V]
     """
 
@@ -38,7 +38,7 @@ class VLM(nn.Module):
         self.vocab_size = vocab_size
         self.image_token_id = image_token_id
         self.vision = VisionTower(cfg.vision)
-        self.projector = Projector(cfg.vision.dim, cfg.projector_hidden, cfg.dim)
+        self.projector = Projector(cfg.vision.dim, cfg.projector_hidden, cfg.dim, layer_norm=cfg.projector_layer_norm)
         self.decoder = Decoder(cfg, vocab_size)
         self._init_weights()
 
@@ -100,13 +100,9 @@ class VLM(nn.Module):
         if num_images == 0:
             return embeds
         if kernels["projector"] == "triton":  # one fused op: projector GEMMs with the scatter in the store
-            features = self.vision(images)  # [N_img, P, D_v]
+            features = self.vision(images).flatten(0, 1)  # [N_img * P, D_v]
             rows = is_image.nonzero().squeeze(1)  # [N_img * P], increasing: masked_scatter's order
-            projector = self.projector
-            return projector_scatter_triton(
-                embeds, features.reshape(expected, features.shape[-1]), rows,
-                projector.fc1.weight, projector.fc1.bias, projector.fc2.weight, projector.fc2.bias,
-            )  # fmt: skip
+            return projector_module_scatter(self.projector, features, embeds, rows)
         image_tokens = self.encode_images(images).to(embeds.dtype)  # [N_img, P, D]
         image_tokens = image_tokens.reshape(expected, self.cfg.dim)  # [N_img * P, D]
         return embeds.masked_scatter(is_image[:, None], image_tokens)  # [total, D], filled in row order

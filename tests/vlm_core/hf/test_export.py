@@ -29,12 +29,12 @@ MAX_NEW_TOKENS = 12
 PROMPTS = [("what color is the circle", 64, 64), ("how many squares are there", 32, 32), ("is there a red star", 70, 50)]
 
 
-def native_checkpoint(root: Path, image_attention: str = "causal") -> Path:
+def native_checkpoint(root: Path, image_attention: str = "causal", **model_options) -> Path:
     """A random tiny native model (tied head, final LayerNorm: the SigLIP export path) saved by save_checkpoint."""
     tokenizer_dir = train_tokenizer(TEXTS, root / "tokenizer", vocab_size=300)
     tokenizer = load_tokenizer(tokenizer_dir)
     cfg = ModelConfig(vision=VisionConfig(image_size=32, patch_size=16, dim=32, layers=2, heads=2), dim=64, layers=2,
-                      heads=4, kv_heads=2, image_attention=image_attention)
+                      heads=4, kv_heads=2, image_attention=image_attention, **model_options)
     model = randomize(VLM(cfg, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>")), seed=7)
     return save(root, model, cfg, tokenizer_dir)
 
@@ -116,6 +116,13 @@ def test_bidirectional_image_attention_is_refused(tmp_path: Path, capsys) -> Non
         export_checkpoint(checkpoint, tmp_path / "llava")
     assert main([str(checkpoint), str(tmp_path / "llava")]) == 2
     assert "image_attention" in capsys.readouterr().err and not (tmp_path / "llava").exists()
+
+
+def test_a_projector_layer_norm_is_refused(tmp_path: Path) -> None:
+    checkpoint = native_checkpoint(tmp_path, projector_layer_norm=True)
+    with pytest.raises(ExportError, match=r"model\.projector_layer_norm=true: LLaVA's multi_modal_projector has no"):
+        export_checkpoint(checkpoint, tmp_path / "llava")
+    assert not (tmp_path / "llava").exists()
 
 
 def test_sharded_checkpoint_is_merged_and_an_incomplete_one_refused(tmp_path: Path) -> None:

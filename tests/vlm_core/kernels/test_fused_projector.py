@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DEVICE, check_close, generator, requires_cuda, run_with_grads
+from kernel_checks import DEVICE, check_close, generator, requires_cuda
 
 from vlm_core.kernels.fused_projector import (
     FusedProjector,
@@ -21,111 +21,160 @@ from vlm_core.kernels.fused_projector import (
 from vlm_core.model.projector import Projector
 
 
-def make_inputs(total, rows, dims, dtype, device, name, bias=True):
+NAMES = ("embeds", "features", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "norm_weight", "norm_bias")
+
+
+def make_inputs(total, rows, dims, dtype, device, name, bias=True, norm=None):
+    """({argument name: tensor or None}, grad_out, rows); norm: None, "affine" or "weight" (no bias)."""
     g = generator(name)
     dim_v, dim_h, dim = dims
-    embeds = torch.randn(total, dim, generator=g)
-    features = torch.randn(len(rows), dim_v, generator=g)
-    w1 = torch.randn(dim_h, dim_v, generator=g) / dim_v**0.5
-    b1 = 0.1 * torch.randn(dim_h, generator=g)
-    w2 = torch.randn(dim, dim_h, generator=g) / dim_h**0.5
-    b2 = 0.1 * torch.randn(dim, generator=g)
-    grad_out = torch.randn(total, dim, generator=g)
-    tensors = [t.to(device=device, dtype=dtype) for t in (embeds, features, w1, b1, w2, b2, grad_out)]
+    tensors = {
+        "embeds": torch.randn(total, dim, generator=g),
+        # off-centre, unequal rows: the LayerNorm's statistics matter
+        "features": torch.randn(len(rows), dim_v, generator=g) * (1 + torch.rand(len(rows), 1, generator=g)) + 0.5,
+        "fc1_weight": torch.randn(dim_h, dim_v, generator=g) / dim_v**0.5,
+        "fc1_bias": 0.1 * torch.randn(dim_h, generator=g),
+        "fc2_weight": torch.randn(dim, dim_h, generator=g) / dim_h**0.5,
+        "fc2_bias": 0.1 * torch.randn(dim, generator=g),
+        "norm_weight": 1 + 0.5 * torch.randn(dim_v, generator=g),
+        "norm_bias": 0.1 * torch.randn(dim_v, generator=g),
+    }
+    grad_out = torch.randn(total, dim, generator=g).to(device=device, dtype=dtype)
     if not bias:
-        tensors[3] = tensors[5] = None
-    return tensors, torch.tensor(rows, dtype=torch.int64, device=device)
+        tensors["fc1_bias"] = tensors["fc2_bias"] = None
+    if norm is None:
+        tensors["norm_weight"] = None
+    if norm != "affine":
+        tensors["norm_bias"] = None
+    tensors = {key: None if t is None else t.to(device=device, dtype=dtype) for key, t in tensors.items()}
+    return tensors, grad_out, torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def check(total, rows, dims, dtype, device, name, bias=True):
-    (embeds, features, w1, b1, w2, b2, grad_out), index = make_inputs(total, rows, dims, dtype, device, name, bias)
-    params = [t for t in (embeds, features, w1, b1, w2, b2) if t is not None]
+def check(total, rows, dims, dtype, device, name, bias=True, norm=None, frozen=()):
+    """Output and every gradient of the fused op against the float64 reference (STYLE.md's rule); the
+    arguments named in ``frozen`` do not require grad."""
+    tensors, grad_out, index = make_inputs(total, rows, dims, dtype, device, name, bias, norm)
+    present = [key for key in NAMES if tensors[key] is not None]
 
     def call(fn):
         def run(*leaves):
-            leaves = list(leaves)
-            e, f, weight1 = leaves[0] * 1, leaves[1], leaves[2]  # embeds as a non-leaf: the kernel writes it in place
-            bias1 = leaves[3] if bias else None
-            weight2 = leaves[4] if bias else leaves[3]
-            bias2 = leaves[5] if bias else None
-            return fn(e, f, index, weight1, bias1, weight2, bias2)
+            args = dict(zip(present, leaves))
+            args["embeds"] = args["embeds"] * 1  # a non-leaf: the kernel writes it in place
+            ordered = [args.get(key) for key in NAMES]
+            return fn(ordered[0], ordered[1], index, *ordered[2:])
 
         return run
 
-    ours = run_with_grads(call(projector_scatter_triton), params, grad_out)
-    exact = run_with_grads(call(projector_scatter_reference), params, grad_out, cast=torch.float64)
-    baseline = run_with_grads(call(projector_scatter_reference), params, grad_out)
-    labels = ["out", "dembeds", "dfeatures", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
-    if not bias:
-        labels = [label for label in labels if "bias" not in label]
+    def grads(fn, cast=None):
+        leaves = [tensors[key].detach().clone().to(cast or dtype) for key in present]
+        for key, leaf in zip(present, leaves):
+            leaf.requires_grad_(key not in frozen)
+        out = call(fn)(*leaves)
+        out.backward(grad_out.to(out.dtype))
+        return [out.detach()] + [leaf.grad for key, leaf in zip(present, leaves) if key not in frozen]
+
+    ours = grads(projector_scatter_triton)
+    exact = grads(projector_scatter_reference, cast=torch.float64)
+    baseline = grads(projector_scatter_reference)
+    labels = ["out"] + ["d" + key for key in present if key not in frozen]
     errors = {}
-    for label, got, want, base in zip(labels, ours, exact, baseline):
+    for label, got, want, base in zip(labels, ours, exact, baseline, strict=True):
         assert got.dtype == dtype, f"{label}: {got.dtype}"
         errors[label] = check_close(label, got, want, base, dtype)
-    assert torch.equal(ours[1][index], torch.zeros_like(ours[1][index])), "overwritten rows got a gradient"
+    if "embeds" not in frozen:
+        assert torch.equal(ours[1][index], torch.zeros_like(ours[1][index])), "overwritten rows got a gradient"
     return errors
 
 
-# (total, image rows, (D_v, D_h, D), dtype, biases): one image token; rows at the start, middle and
-# end of the buffer and back to back (two images); widths that are not multiples of the tiles.
+# (total, image rows, (D_v, D_h, D), dtype, biases, LayerNorm): one image token; rows at the start, middle
+# and end of the buffer and back to back (two images); widths that are not multiples of the tiles.
 CPU_CASES = [
-    (5, [2], (16, 24, 8), torch.float32, True),
-    (40, [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39], (24, 40, 36), torch.float32, True),
-    (40, list(range(4, 22)), (24, 40, 36), torch.float32, False),
-    (40, [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39], (24, 40, 36), torch.bfloat16, True),
-    (33, list(range(5, 23)), (32, 48, 20), torch.float16, True),
+    (5, [2], (16, 24, 8), torch.float32, True, None),
+    (40, [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39], (24, 40, 36), torch.float32, True, None),
+    (40, list(range(4, 22)), (24, 40, 36), torch.float32, False, None),
+    (40, [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39], (24, 40, 36), torch.bfloat16, True, None),
+    (33, list(range(5, 23)), (32, 48, 20), torch.float16, True, None),
+    (5, [2], (16, 24, 8), torch.float32, True, "affine"),
+    (40, [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39], (24, 40, 36), torch.float32, True, "affine"),
+    (40, list(range(4, 22)), (40, 24, 36), torch.float32, False, "weight"),
+    (40, [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39], (24, 40, 36), torch.bfloat16, True, "affine"),
+    (33, list(range(5, 23)), (32, 48, 20), torch.float16, True, "affine"),
 ]
 
 
 @pytest.mark.usefixtures("triton_kernels")
-@pytest.mark.parametrize(("total", "rows", "dims", "dtype", "bias"), CPU_CASES,
-                         ids=[f"total{c[0]}-m{len(c[1])}-{c[2]}-{str(c[3])[6:]}-bias{c[4]}" for c in CPU_CASES])  # fmt: skip
-def test_matches_reference(total, rows, dims, dtype, bias):
-    check(total, rows, dims, dtype, DEVICE, f"proj-{total}-{len(rows)}-{dims}-{dtype}-{bias}", bias)
+@pytest.mark.parametrize(("total", "rows", "dims", "dtype", "bias", "norm"), CPU_CASES,
+                         ids=[f"total{c[0]}-m{len(c[1])}-{c[2]}-{str(c[3])[6:]}-bias{c[4]}-norm{c[5]}"
+                              for c in CPU_CASES])  # fmt: skip
+def test_matches_reference(total, rows, dims, dtype, bias, norm):
+    name = f"proj-{total}-{len(rows)}-{dims}-{dtype}-{bias}" + (f"-{norm}" if norm else "")
+    check(total, rows, dims, dtype, DEVICE, name, bias, norm)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("frozen", [("features",), ("norm_weight", "norm_bias"), ("embeds", "features", "fc1_weight")])
+def test_layer_norm_gradients_with_frozen_inputs(frozen):
+    """A frozen tower (no d features) still trains the norm; a frozen norm still passes d features."""
+    rows = [1, 2, 3, 6, 7, 8, 9]
+    check(12, rows, (24, 40, 36), torch.float32, DEVICE, f"proj-frozen-{frozen}", norm="affine", frozen=frozen)
 
 
 @requires_cuda
 @pytest.mark.usefixtures("triton_kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matches_reference_gpu_sizes(dtype):
-    """LLaVA-1.5 widths: 4 images of 576 tokens in a 3,000-token buffer, D_v 1024, D_h = D = 4096."""
+@pytest.mark.parametrize("norm", [None, "affine"])
+def test_matches_reference_gpu_sizes(dtype, norm):
+    """LLaVA-1.5 widths: 4 images of 576 tokens in a 3,000-token buffer, D_v 1024, D_h = D = 4096 (and with
+    InternVL's LayerNorm in front)."""
     rows = [r for start in (10, 700, 1300, 2400) for r in range(start, start + 576)]
-    check(3000, rows, (1024, 4096, 4096), dtype, "cuda", f"proj-gpu-{dtype}")
+    check(3000, rows, (1024, 4096, 4096), dtype, "cuda", f"proj-gpu-{dtype}-{norm}", norm=norm)
 
 
 @pytest.mark.usefixtures("triton_kernels")
-def test_fused_module_keeps_the_projector_state_dict_and_output():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_fused_module_keeps_the_projector_state_dict_and_output(layer_norm):
     torch.manual_seed(0)
-    plain = Projector(24, 40, 36)
-    fused = FusedProjector(24, 40, 36)
+    plain = Projector(24, 40, 36, layer_norm=layer_norm)
+    if layer_norm:
+        plain.norm.weight.data.normal_()
+        plain.norm.bias.data.normal_()
+    fused = FusedProjector(24, 40, 36, layer_norm=layer_norm)
     fused.load_state_dict(plain.state_dict())
     plain.load_state_dict(fused.state_dict())
     assert fused.state_dict().keys() == plain.state_dict().keys()
+    assert ("norm.weight" in plain.state_dict()) == layer_norm
     assert fusable_projector_problem(plain) == ""
-    features = torch.randn(3, 4, 24)
-    torch.testing.assert_close(fused.to(DEVICE)(features.to(DEVICE)).cpu(), plain(features), rtol=0, atol=2e-6)
+    features = torch.randn(3, 4, 24) + 1
+    torch.testing.assert_close(fused.to(DEVICE)(features.to(DEVICE)).cpu(), plain(features), rtol=0, atol=4e-6)
+    embeds, rows = torch.randn(20, 36), torch.tensor([0, 1, 2, 3, 7, 8, 9, 10, 16, 17, 18, 19])
+    want = embeds.masked_scatter(torch.isin(torch.arange(20), rows)[:, None], plain(features).reshape(12, 36))
+    got = fused(features.to(DEVICE), embeds.to(DEVICE), rows.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=4e-6)
 
 
 @pytest.mark.usefixtures("triton_kernels")
-def test_layer_norm_variant_and_autocast():
-    torch.manual_seed(0)
-    fused = FusedProjector(24, 40, 36, layer_norm=True).to(DEVICE)
-    fused.norm.weight.data.normal_()
-    features = torch.randn(6, 24, device=DEVICE)
-    embeds = torch.randn(10, 36, device=DEVICE)
-    rows = torch.tensor([1, 2, 3, 6, 7, 8], device=DEVICE)
-    args = (fused.fc1.weight, fused.fc1.bias, fused.fc2.weight, fused.fc2.bias, fused.norm.weight, fused.norm.bias)
-    want = projector_scatter_reference(embeds, features, rows, *args)
-    got = fused(features, embeds.clone(), rows)
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # GEMMs in bf16, stored into the fp32 buffer
-        got = projector_scatter(embeds.clone(), features, rows, *args[:4], impl="triton")
-        want = projector_scatter(embeds.clone(), features, rows, *args[:4])
-    assert got.dtype == torch.float32
-    exact = projector_scatter(embeds.double(), features.double(), rows, *(a.double() for a in args[:4]))
-    # The STYLE.md rule against the float64 truth, with the reference under autocast as the bf16 baseline
-    # (measured on the CPU: ours 2.6e-3, baseline 4.4e-3; an rtol/atol of 0.02 allowed ~25x that).
-    check_close("autocast out", got, exact, want, torch.bfloat16)
+def test_layer_norm_under_autocast():
+    """float32 features and parameters, bf16 autocast: the output and every gradient against the float64
+    truth, with the reference under autocast (F.layer_norm in float32, the GEMMs in bf16) as the baseline."""
+    tensors, grad_out, rows = make_inputs(12, [1, 2, 3, 6, 7, 8, 9], (24, 40, 36), torch.float32, DEVICE, "autocast",
+                                          norm="affine")  # fmt: skip
+    names = [key for key in NAMES if tensors[key] is not None]
+
+    def run(fn, cast=None, autocast=True):
+        leaves = [tensors[key].detach().clone().to(cast or torch.float32).requires_grad_() for key in names]
+        args = dict(zip(names, leaves))
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            out = fn(args["embeds"] * 1, args["features"], rows, *(args[key] for key in NAMES[2:]))
+        assert out.dtype == (cast or torch.float32)  # stored into the float32 buffer
+        out.backward(grad_out.to(out.dtype))
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    ours = run(projector_scatter_triton)
+    baseline = run(projector_scatter_reference)
+    exact = run(projector_scatter_reference, cast=torch.float64, autocast=False)
+    for label, got, want, base in zip(["out"] + names, ours, exact, baseline, strict=True):
+        assert got.dtype == torch.float32, label
+        check_close(f"autocast {label}", got, want, base, torch.bfloat16)
 
 
 def test_a_projector_that_is_not_two_linears_is_not_fused():
@@ -136,16 +185,27 @@ def test_a_projector_that_is_not_two_linears_is_not_fused():
             self.fc2 = torch.nn.Linear(2, 2)
 
     assert "not a plain nn.Linear" in fusable_projector_problem(Sharded())
+    unaffine = Projector(4, 4, 4)
+    unaffine.norm = torch.nn.LayerNorm(4, elementwise_affine=False)
+    assert "not a plain nn.LayerNorm" in fusable_projector_problem(unaffine)
+    assert fusable_projector_problem(Projector(4, 4, 4, layer_norm=True)) == ""
     assert torch.equal(projector_reference(torch.ones(1, 2), torch.eye(2), None, torch.eye(2), None),
                        torch.nn.functional.gelu(torch.ones(1, 2)))  # fmt: skip
 
 
 @pytest.mark.usefixtures("triton_kernels")
 def test_limits_raise_value_error():
-    (embeds, features, w1, b1, w2, b2, _), rows = make_inputs(8, [1, 2], (8, 16, 4), torch.float32, DEVICE, "lim")
+    tensors, _, rows = make_inputs(8, [1, 2], (8, 16, 4), torch.float32, DEVICE, "lim", norm="affine")
+    embeds, features, w1, b1, w2, b2, norm_w, norm_b = (tensors[key] for key in NAMES)
     with pytest.raises(ValueError, match="do not chain"):
         projector_scatter_triton(embeds, features, rows, w1, b1, w2[:, :8], b2)
     with pytest.raises(ValueError, match="rows must be"):
         projector_scatter_triton(embeds, features, rows[:1], w1, b1, w2, b2)
     with pytest.raises(ValueError, match="float64"):
         projector_scatter_triton(embeds.double(), features, rows, w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="norm_bias without norm_weight"):
+        projector_scatter_triton(embeds, features, rows, w1, b1, w2, b2, None, norm_b)
+    with pytest.raises(ValueError, match=r"norm_weight has shape \(4,\), expected \(8,\)"):
+        projector_scatter_triton(embeds, features, rows, w1, b1, w2, b2, norm_w[:4], norm_b)
+    with pytest.raises(ValueError, match="norm_eps=0.0 must be positive"):
+        projector_scatter_triton(embeds, features, rows, w1, b1, w2, b2, norm_w, norm_b, 0.0)

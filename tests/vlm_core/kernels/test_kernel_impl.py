@@ -23,9 +23,10 @@ from vlm_core.types import TokenizedSample
 VOCAB, IMAGE = 64, 3
 
 
-def config(kernel_impl: str) -> ModelConfig:
+def config(kernel_impl: str, projector_layer_norm: bool = False) -> ModelConfig:
     vision = VisionConfig(image_size=32, patch_size=16, dim=32, layers=1, heads=2)  # P = 4
-    return ModelConfig(vision=vision, dim=64, layers=2, heads=4, kv_heads=2, init_std=0.1, kernel_impl=kernel_impl)
+    return ModelConfig(vision=vision, dim=64, layers=2, heads=4, kv_heads=2, init_std=0.1, kernel_impl=kernel_impl,
+                       projector_layer_norm=projector_layer_norm)  # fmt: skip
 
 
 def batches():
@@ -66,9 +67,9 @@ class FixedBatches:
         pass
 
 
-def train_losses(kernel_impl: str, run_dir) -> list[float]:
+def train_losses(kernel_impl: str, run_dir, projector_layer_norm: bool = False) -> list[float]:
     torch.manual_seed(0)
-    model = VLM(config(kernel_impl), vocab_size=VOCAB, image_token_id=IMAGE).to(DEVICE)
+    model = VLM(config(kernel_impl, projector_layer_norm), vocab_size=VOCAB, image_token_id=IMAGE).to(DEVICE)
     optimizer = build_optimizer(model, ["vision", "projector", "decoder"], 3e-3, 0.01, (0.9, 0.95))
     logger = MetricsLogger(run_dir, tensorboard=False)
     context = LoopContext(run_dir=run_dir, logger=logger, device=torch.device(DEVICE), bf16=False, log_every=1,
@@ -83,10 +84,12 @@ def train_losses(kernel_impl: str, run_dir) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("triton_kernels")
-def test_training_with_the_fused_kernels_follows_the_reference(tmp_path):
-    """Every fused op at once (RMSNorm, SwiGLU, RoPE, projector merge, linear + CE), 3 AdamW steps."""
-    reference = train_losses("reference", tmp_path / "reference")
-    fused = train_losses("triton", tmp_path / "triton")
+@pytest.mark.parametrize("projector_layer_norm", [False, True])
+def test_training_with_the_fused_kernels_follows_the_reference(tmp_path, projector_layer_norm):
+    """Every fused op at once (RMSNorm, SwiGLU, RoPE, projector merge, linear + CE), 3 AdamW steps; with
+    and without the projector's LayerNorm (fused into GEMM 1's loads)."""
+    reference = train_losses("reference", tmp_path / "reference", projector_layer_norm)
+    fused = train_losses("triton", tmp_path / "triton", projector_layer_norm)
     assert reference[-1] < reference[0] - 0.05, f"the run does not learn, so the test could not fail: {reference}"
     # Both runs are float32 with different summation orders: 8 fp32 ulps of the loss (~4e-6 at 4.4), as
     # tests/vlm_core/model/test_attn_impl_training.py allows. A wrong gradient in any op changes steps 2

@@ -57,8 +57,12 @@ LOSS = functools.partial(lm_loss, per_sample=True)
 
 def model_config() -> ModelConfig:
     # Hq=4, Hkv=2 (GQA): each TP rank gets 2 query heads and 1 KV head; vision 2 heads, one per rank.
+    # The projector's LayerNorm is replicated in front of the column-parallel fc1: its gradient reaches
+    # every rank only through fc1's input-gradient all-reduce.
     vision = VisionConfig(image_size=32, patch_size=16, dim=32, layers=2, heads=2)
-    return ModelConfig(vision=vision, dim=64, layers=2, heads=4, kv_heads=2, attn_impl="reference")
+    return ModelConfig(
+        vision=vision, dim=64, layers=2, heads=4, kv_heads=2, attn_impl="reference", projector_layer_norm=True
+    )
 
 
 def build_model(dtype: torch.dtype = torch.float32) -> VLM:
