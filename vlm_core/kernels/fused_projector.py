@@ -129,6 +129,7 @@ def _matmul_kernel(
     Rstd,
     NormW,
     NormB,
+    ColSumC,
     M,
     N,
     K,
@@ -150,6 +151,7 @@ def _matmul_kernel(
     NORM_A: tl.constexpr,
     NORM_B: tl.constexpr,
     NORM_HAS_BIAS: tl.constexpr,
+    COL_SUM_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -169,6 +171,10 @@ def _matmul_kernel(
     (A[m, k] - Mean[m]) * Rstd[m] * NormW[k] + NormB[k], forward GEMM 1); NORM_B normalizes B, whose rows
     are then the normalized rows (B[k, n] := (B[k, n] - Mean[k]) * Rstd[k] * NormW[n] + NormB[n], d W1).
     The normalized operand is rounded to the other operand's dtype, where F.layer_norm's output would be.
+
+    COL_SUM_C: the epilogue also writes ColSumC[pid_m, n] = sum over this tile's rows of C (float32, before
+    rounding): partial column sums, one row per row tile, which the caller sums. In d pre, that is d b1,
+    from registers the epilogue holds anyway (cuBLASLt's BGRAD epilogues fuse bias gradients likewise).
     """
     # Grouped tile order (the Triton matmul tutorial): GROUP_M row-tiles share the B column-tiles in L2.
     pid = tl.program_id(0)
@@ -243,6 +249,9 @@ def _matmul_kernel(
         pre_pointers = Pre + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :] * stride_pn
         pre = tl.load(pre_pointers, mask=mask, other=0.0).to(tl.float32)
         acc = acc * _gelu_grad(pre)
+    if COL_SUM_C:
+        column_sums = tl.sum(tl.where(mask, acc, 0.0), 0)
+        tl.store(ColSumC + pid_m.to(tl.int64) * N + offs_n, column_sums, mask=n_ok)
     if SCATTER_C:
         c_rows = tl.load(RowsC + offs_m, mask=m_ok, other=0).to(tl.int64)
     else:
@@ -251,12 +260,17 @@ def _matmul_kernel(
     tl.store(c_pointers, _cast(acc, C.dtype.element_ty, INTERPRET_BF16), mask=mask)
 
 
-def _column_sum_kernel(X, Rows, Out, M, N, stride_m, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out[n] = sum_m X[row(m), n] in float32, row(m) = Rows[m] when GATHER (a bias gradient)."""
+def _column_sum_kernel(
+    X, Rows, Out, M, N, stride_m, rows_per_split, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """Out[s, n] = sum of X[row(m), n] over this program's split of m (rows_per_split, a multiple of BLOCK_M)
+    in float32, row(m) = Rows[m] when GATHER: a bias gradient's partial sums, one row per split."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    first = split * rows_per_split
+    for m0 in range(first, tl.minimum(first + rows_per_split, M), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         if GATHER:
@@ -265,7 +279,7 @@ def _column_sum_kernel(X, Rows, Out, M, N, stride_m, GATHER: tl.constexpr, BLOCK
             rows = offs_m.to(tl.int64)
         x = tl.load(X + rows[:, None] * stride_m + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
-    tl.store(Out + offs_n, acc, mask=n_ok)
+    tl.store(Out + split.to(tl.int64) * N + offs_n, acc, mask=n_ok)
 
 
 def _layer_norm_stats_kernel(
@@ -387,6 +401,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             [config(*c) for c in _GPU_CONFIGS + _GPU_FP32_CONFIGS],
             key=key,
             prune_configs_by={"early_config_prune": keep_for_dtype},
+            # a config with a smaller BLOCK_M writes more partial rows than the chosen one overwrites
+            reset_to_zero=["ColSumC"],
         )(jit(_matmul_kernel))
     return types.SimpleNamespace(
         matmul=matmul,
@@ -408,6 +424,15 @@ class _Norm(NamedTuple):
     rstd: torch.Tensor  # [M] float32, 1 / sqrt(var + eps)
     weight: torch.Tensor  # [D_v]
     bias: torch.Tensor | None  # [D_v]
+
+
+def _row_tiles_bound(m: int, dot_precision: str) -> int:
+    """The most row tiles a launch over m rows can have: m over the smallest BLOCK_M autotuning may pick."""
+    if interpreting():
+        block_m = _INTERPRETER_CONFIG[0]
+    else:
+        block_m = min(c[0] for c in (_GPU_FP32_CONFIGS if dot_precision == "ieee" else _GPU_CONFIGS))
+    return -(-m // block_m)
 
 
 def _dot_precision(a: torch.Tensor, b: torch.Tensor, norm_a: _Norm | None, norm_b: _Norm | None) -> str:
@@ -437,10 +462,12 @@ def _matmul(
     rows_c: torch.Tensor | None = None,
     norm_a: _Norm | None = None,
     norm_b: _Norm | None = None,
+    col_sum_c: torch.Tensor | None = None,
 ) -> None:
     """One launch of _matmul_kernel; a, b, c row-major storage with the given (row, column) strides of the
     logical operands A [m, k] and B [k, n]; c is [m or rows, n] row-major. norm_a / norm_b: the LayerNorm
-    applied to A's rows / B's rows as they are loaded."""
+    applied to A's rows / B's rows as they are loaded. col_sum_c: float32 [_row_tiles_bound(m, ...), n],
+    zeros, gets C's column sums per row tile (rows past the chosen tile count stay zero)."""
     import triton
 
     if m == 0 or n == 0:
@@ -449,6 +476,9 @@ def _matmul(
         raise ValueError("_matmul: a LayerNorm in the loads of A or of B, not both")
     dummy = c  # pointer arguments the flags leave unused
     pre_t = pre if pre is not None else dummy
+    sum_columns = col_sum_c is not None
+    if not sum_columns:  # the autotuner zeroes this argument before each trial: never let it be c
+        col_sum_c = torch.zeros(1, dtype=torch.float32, device=c.device)
     norm = norm_a if norm_a is not None else norm_b
     norm_args = (dummy,) * 4 if norm is None else (norm.mean, norm.rstd, norm.weight,
                                                    norm.bias if norm.bias is not None else dummy)  # fmt: skip
@@ -460,29 +490,36 @@ def _matmul(
     _kernels(interpreting()).matmul[grid](
         a, b, c, bias if bias is not None else dummy, pre_t,
         rows_a if rows_a is not None else dummy, index_k if index_k is not None else dummy,
-        rows_c if rows_c is not None else dummy, *norm_args,
+        rows_c if rows_c is not None else dummy, *norm_args, col_sum_c,
         m, n, k, kind,
         a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
         pre_t.stride(0), pre_t.stride(1),
         GATHER_A_ROWS=rows_a is not None, GATHER_K=index_k is not None, GELU_B=gelu_b,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, SCATTER_C=rows_c is not None,
         NORM_A=norm_a is not None, NORM_B=norm_b is not None, NORM_HAS_BIAS=norm is not None and norm.bias is not None,
+        COL_SUM_C=sum_columns,
         DOT_PRECISION=_dot_precision(a, b, norm_a, norm_b), INTERPRET_BF16=bf16,
     )  # fmt: skip
 
 
 def _column_sum(x: torch.Tensor, m: int, rows: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """[n] = sum over m rows of x (gathered at rows when given), float32 accumulation."""
+    """[n] = sum over m rows of x (gathered at rows when given), float32 accumulation: the rows split over
+    enough programs to fill the GPU (a [4096]-wide sum is only 32 column tiles), then the splits summed."""
     import triton
 
     n = x.shape[1]
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
     block_m, block_n = _COLUMN_SUM_BLOCKS
-    _kernels(interpreting()).column_sum[(triton.cdiv(n, block_n),)](
-        x, rows if rows is not None else x, out, m, n, x.stride(0),
+    column_tiles = triton.cdiv(n, block_n)
+    row_blocks = max(1, triton.cdiv(m, block_m))
+    splits = max(1, min(row_blocks, reduction_programs(column_tiles * row_blocks, x.device) // column_tiles))
+    rows_per_split = triton.cdiv(row_blocks, splits) * block_m
+    splits = max(1, triton.cdiv(m, rows_per_split))
+    partial = torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    _kernels(interpreting()).column_sum[(column_tiles, splits)](
+        x, rows if rows is not None else x, partial, m, n, x.stride(0), rows_per_split,
         GATHER=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n,
     )  # fmt: skip
-    return out.to(out_dtype)
+    return partial.sum(0).to(out_dtype)
 
 
 def _layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -558,16 +595,19 @@ def _backward(grad_embeds, x, rows, w1, w2, pre, norm: _Norm | None, needs):
     if need_b2:
         grad_b2 = _column_sum(grad_embeds, m, rows, torch.float32)
     if need_normed or need_w1 or need_b1:
-        # d pre [M, D_h] = (G[rows] @ w2) * gelu'(pre): A[t, k] = G[rows[t], k]; B[k, n] = w2[k, n].
+        # d pre [M, D_h] = (G[rows] @ w2) * gelu'(pre): A[t, k] = G[rows[t], k]; B[k, n] = w2[k, n];
+        # d b1 = the column sums of d pre, per row tile in the epilogue
         grad_pre = torch.empty((m, dim_h), dtype=w1.dtype, device=x.device)
+        tiles = _row_tiles_bound(m, _dot_precision(grad_embeds, w2, None, None))
+        b1_partial = torch.zeros((tiles, dim_h), dtype=torch.float32, device=x.device) if need_b1 else None
         _matmul(_BWD_DACT, grad_embeds, (stride_g, 1), w2, (dim_h, 1), grad_pre, m, dim_h, dim,
-                rows_a=rows, epilogue=_GELU_GRAD, pre=pre)  # fmt: skip
+                rows_a=rows, epilogue=_GELU_GRAD, pre=pre, col_sum_c=b1_partial)  # fmt: skip
         if need_w1:
             # d w1 [D_h, D_v] = d pre^T @ norm(x): A[i, t] = dpre[t, i]; B[t, j] = norm(x)[t, j].
             grad_w1 = torch.empty((dim_h, dim_v), dtype=torch.float32, device=x.device)
             _matmul(_BWD_DW1, grad_pre, (1, dim_h), x, (dim_v, 1), grad_w1, dim_h, dim_v, m, norm_b=norm)
         if need_b1:
-            grad_b1 = _column_sum(grad_pre, m, None, torch.float32)
+            grad_b1 = b1_partial.sum(0)
         if need_normed:
             # d norm(x) [M, D_v] = d pre @ w1: B[k, n] = w1[k, n]; then the LayerNorm's backward.
             grad_x = torch.empty((m, dim_v), dtype=w1.dtype, device=x.device)

@@ -99,6 +99,8 @@ CPU_CASES = [
     (40, list(range(4, 22)), (40, 24, 36), torch.float32, False, "weight"),
     (40, [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39], (24, 40, 36), torch.bfloat16, True, "affine"),
     (33, list(range(5, 23)), (32, 48, 20), torch.float16, True, "affine"),
+    # 200 image rows: 13 row tiles of d pre's column sums, the bias gradients' row splits
+    (260, list(range(30, 230)), (16, 24, 8), torch.float32, True, None),
 ]
 
 
@@ -112,9 +114,11 @@ def test_matches_reference(total, rows, dims, dtype, bias, norm):
 
 
 @pytest.mark.usefixtures("triton_kernels")
-@pytest.mark.parametrize("frozen", [("features",), ("norm_weight", "norm_bias"), ("embeds", "features", "fc1_weight")])
-def test_layer_norm_gradients_with_frozen_inputs(frozen):
-    """A frozen tower (no d features) still trains the norm; a frozen norm still passes d features."""
+@pytest.mark.parametrize("frozen", [("features",), ("norm_weight", "norm_bias"), ("embeds", "features", "fc1_weight"),
+                                    ("fc2_weight",)])  # fmt: skip
+def test_gradients_with_frozen_inputs(frozen):
+    """A frozen tower (no d features) still trains the norm; a frozen norm still passes d features; a frozen
+    weight with a trained bias gets the bias gradient without the weight gradient's GEMM (which sums it)."""
     rows = [1, 2, 3, 6, 7, 8, 9]
     check(12, rows, (24, 40, 36), torch.float32, DEVICE, f"proj-frozen-{frozen}", norm="affine", frozen=frozen)
 
