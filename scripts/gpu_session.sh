@@ -7,6 +7,8 @@
 #   bash scripts/gpu_session.sh fused       # bench_projector, bench_linear_cross_entropy, bench_norm_swiglu
 #   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1)
 #
+# For flash-attn 4 in the attention stage, install it first with scripts/fa4_wheels.sh (two calls; see there).
+#
 # Needs only what the GPU image already has (torch, triton, pytest, numpy, pillow, tokenizers, ...): the kernels, their
 # tests and these benchmarks import neither hydra, megatron-core nor faiss. Each stage writes its log and the
 # benchmark results it produced (benchmarks/results/*, with device, date, commit and versions) into one archive,
@@ -33,6 +35,10 @@ mkdir -p "$out"
 log="$out/$stage.log"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
+fa4_site="${FA4_SITE:-/tmp/fa4-site}"
+if [ -d "$fa4_site" ]; then # flash-attn 4, installed by scripts/fa4_wheels.sh in an earlier call on this machine
+    export PYTHONPATH="$fa4_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 left() { echo $((budget - ($(date +%s) - start))); }
 
