@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # _cast and _dot are device helpers the kernels call; make_jit decorates them with them.
+from vlm_core.kernels.rmsnorm import _norm_bwd_kernel
 from vlm_core.kernels.triton_runtime import (
     MAX_ROW_DIM,
     _cast,
@@ -300,56 +301,6 @@ def _layer_norm_stats_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-def _layer_norm_bwd_kernel(
-    DY,
-    X,
-    W,
-    Mean,
-    Rstd,
-    DX,
-    DWPartial,
-    DBPartial,
-    n_rows,
-    dim,
-    WANT_DX: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,
-):
-    """Grid-stride over row blocks: LayerNorm's dx per row, and this program's float32 partial sums of
-    d weight and d bias. With xhat = (x - mean) * rstd and g = dy * w:
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), d weight = sum of dy * xhat, d bias = sum of dy.
-    DY, X and DX are [n_rows, dim] contiguous; DX may be DY (each element is read before it is written).
-    """
-    pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK_M
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < dim
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_D], tl.float32)
-    db = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(pid * BLOCK_M, n_rows, step):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None].to(tl.int64) * dim + cols[None, :]
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        dw += tl.sum(dy * xhat, 0)
-        db += tl.sum(dy, 0)
-        if WANT_DX:
-            g = dy * w[None, :]
-            mean_g = tl.sum(g, 1) / dim  # [BLOCK_M]
-            mean_gx = tl.sum(g * xhat, 1) / dim
-            dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-            tl.store(DX + offsets, _cast(dx, DX.dtype.element_ty, INTERPRET_BF16), mask=mask)
-    tl.store(DWPartial + pid * dim + cols, dw, mask=col_ok)
-    tl.store(DBPartial + pid * dim + cols, db, mask=col_ok)
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for triton.autotune on a GPU: the Triton matmul
 # tutorial's Hopper/Ampere configs for half precision; float32 uses exact ("ieee") products on CUDA
 # cores, where only small tiles avoid spills. Not yet swept on a GPU.
@@ -408,7 +359,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         matmul=matmul,
         column_sum=jit(_column_sum_kernel),
         layer_norm_stats=jit(_layer_norm_stats_kernel),
-        layer_norm_backward=jit(_layer_norm_bwd_kernel),
+        layer_norm_backward=jit(_norm_bwd_kernel),  # RMSNorm's backward kernel, with LAYER_NORM
     )
 
 
@@ -555,8 +506,8 @@ def _layer_norm_backward(
     bf16 = interpret_bf16(x.dtype) or interpret_bf16(grad_normed.dtype)
     _kernels(interpreting()).layer_norm_backward[(programs,)](
         grad_normed, x, norm.weight, norm.mean, norm.rstd, grad_x if want_dx else grad_normed, partial[0],
-        partial[1], m, dim_v, WANT_DX=want_dx, BLOCK_M=block_m, BLOCK_D=block_d, INTERPRET_BF16=bf16,
-        num_warps=num_warps,
+        partial[1], m, dim_v, LAYER_NORM=True, WANT_DX=want_dx, BLOCK_M=block_m, BLOCK_D=block_d,
+        INTERPRET_BF16=bf16, num_warps=num_warps,
     )  # fmt: skip
     sums = partial.sum(1)
     return grad_x, sums[0], sums[1]

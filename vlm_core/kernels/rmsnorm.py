@@ -80,23 +80,32 @@ def _rmsnorm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-def _rmsnorm_bwd_kernel(
+def _norm_bwd_kernel(
     DY,
     X,
     W,
+    Mean,
     Rstd,
     DX,
     DWPartial,
+    DBPartial,
     n_rows,
     dim,
+    LAYER_NORM: tl.constexpr,
+    WANT_DX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
 ):
-    """Grid-stride over row blocks: dx per row, and this program's float32 partial sum of dweight.
+    """Grid-stride over row blocks: dx per row, and this program's float32 partial sums of the parameter
+    gradients (rows DWPartial[pid], DBPartial[pid]). DY, X and DX are [n_rows, dim] contiguous; DX may be
+    DY (each element is read before it is written). With g = dy * w:
 
-    With xhat = x * rstd and g = dy * w:  dx = rstd * (g - xhat * mean(g * xhat)),
-    dweight = sum over rows of dy * round(xhat) (the reference multiplies the rounded normed by w).
+    - RMSNorm (this module's): xhat = x * rstd, dx = rstd * (g - xhat * mean(g * xhat)), dweight = sum of
+      dy * round(xhat) (the reference multiplies the normed row rounded to x's dtype by w); Mean and
+      DBPartial are not read.
+    - LAYER_NORM (F.layer_norm's, for the fused projector): xhat = (x - mean) * rstd,
+      dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dweight = sum of dy * xhat, dbias = sum of dy.
     """
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_M
@@ -104,6 +113,7 @@ def _rmsnorm_bwd_kernel(
     col_ok = cols < dim
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_D], tl.float32)
     for start in range(pid * BLOCK_M, n_rows, step):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
@@ -112,21 +122,30 @@ def _rmsnorm_bwd_kernel(
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = x * rstd[:, None]
-        g = dy * w[None, :]
-        dot = tl.sum(g * xhat, 1) / dim  # [BLOCK_M]
-        dx = rstd[:, None] * (g - xhat * dot[:, None])
-        tl.store(DX + offsets, _cast(dx, DX.dtype.element_ty, INTERPRET_BF16), mask=mask)
-        normed = _cast(xhat, X.dtype.element_ty, INTERPRET_BF16).to(tl.float32)
-        dw += tl.sum(dy * normed, 0)
+        if LAYER_NORM:
+            mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            dw += tl.sum(dy * xhat, 0)
+            db += tl.sum(dy, 0)
+        else:
+            xhat = x * rstd[:, None]
+            dw += tl.sum(dy * _cast(xhat, X.dtype.element_ty, INTERPRET_BF16).to(tl.float32), 0)
+        if WANT_DX:
+            g = dy * w[None, :]
+            dx = g - xhat * (tl.sum(g * xhat, 1) / dim)[:, None]
+            if LAYER_NORM:
+                dx -= (tl.sum(g, 1) / dim)[:, None]
+            tl.store(DX + offsets, _cast(rstd[:, None] * dx, DX.dtype.element_ty, INTERPRET_BF16), mask=mask)
     tl.store(DWPartial + pid * dim + cols, dw, mask=col_ok)
+    if LAYER_NORM:
+        tl.store(DBPartial + pid * dim + cols, db, mask=col_ok)
 
 
 @functools.cache
 def _kernels(interpret: bool) -> types.SimpleNamespace:
     """The kernels decorated for one mode (interpreter or GPU); see triton_runtime.make_jit."""
     _, jit = make_jit(__name__)
-    return types.SimpleNamespace(forward=jit(_rmsnorm_fwd_kernel), backward=jit(_rmsnorm_bwd_kernel))
+    return types.SimpleNamespace(forward=jit(_rmsnorm_fwd_kernel), backward=jit(_norm_bwd_kernel))
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +183,7 @@ def _backward(
     partial = torch.empty((programs, dim), dtype=torch.float32, device=x2d.device)
     bf16 = interpret_bf16(x2d.dtype) or interpret_bf16(dy.dtype)
     _kernels(interpreting()).backward[(programs,)](
-        dy, x2d, weight, rstd, dx, partial, n_rows, dim,
+        dy, x2d, weight, rstd, rstd, dx, partial, partial, n_rows, dim, LAYER_NORM=False, WANT_DX=True,
         BLOCK_M=block_m, BLOCK_D=block_d, INTERPRET_BF16=bf16, num_warps=num_warps,
     )  # fmt: skip
     return dx, partial.sum(0).to(weight.dtype)
