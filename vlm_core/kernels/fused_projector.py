@@ -15,10 +15,11 @@ masked_scatter/concat with copies). Here:
   the store), in embeds' dtype; embeds is updated in place (autograd sees an in-place op);
 - backward: d act = (d embeds gathered at rows) @ W2 with GELU's derivative in the epilogue (the
   gather is in the GEMM's loads), d W2 = (gathered d embeds)^T @ gelu(pre) (GELU recomputed in the
-  loads, so the activation is never saved), d W1 = d pre^T @ x, d x = d pre @ W1, and the two bias
-  gradients as column sums (the first gathered at rows). With the LayerNorm, d W1's loads normalize x
-  again from the saved statistics, and d x is LayerNorm's backward of d pre @ W1: one row kernel that
-  also sums d weight and d bias of the norm, per program, in float32.
+  loads, so the activation is never saved), d W1 = d pre^T @ x, d x = d pre @ W1; d b1 as column sums
+  of d pre in d act's epilogue, d b2 as column sums of d embeds gathered at rows (a pass split over
+  rows). With the LayerNorm, d W1's loads normalize x again from the saved statistics, and d x is
+  LayerNorm's backward of d pre @ W1: RMSNorm's row kernel in its LayerNorm mode, which also sums the
+  norm's d weight and d bias per program, in float32.
 
 Layers, as in STYLE.md: the plain-PyTorch reference (:func:`projector_scatter_reference`), private
 kernels (plain functions, decorated on first use), launchers, an autograd Function, the public
@@ -37,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# _cast and _dot are device helpers the kernels call; make_jit decorates them with them.
 from vlm_core.kernels.rmsnorm import _norm_bwd_kernel
+
+# _cast and _dot are device helpers the kernels call; make_jit decorates them with them.
 from vlm_core.kernels.triton_runtime import (
     MAX_ROW_DIM,
     _cast,
