@@ -68,7 +68,8 @@ def hf_job_config(job: JobConfig) -> JobConfig:
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """The native architecture of ``cfg.hf``'s folders (reads their config files, not their weights).
 
-    Kept from ``cfg``: name, attn_impl, init_std (the projector's init), image_attention and hf.
+    Kept from ``cfg``: name, attn_impl, kernel_impl, init_std (the projector's init), projector_layer_norm (the
+    projector is the project's own, trained from scratch), image_attention and hf.
     """
     hf = _check_source(cfg.hf)
     vision_path, llm_path = Path(hf.vision_path).expanduser(), Path(hf.llm_path).expanduser()
@@ -115,7 +116,9 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         norm_eps=llm.rms_norm_eps,
         tie_embeddings=bool(llm.tie_word_embeddings),
         attn_impl=cfg.attn_impl,
+        kernel_impl=cfg.kernel_impl,
         init_std=cfg.init_std,
+        projector_layer_norm=cfg.projector_layer_norm,
         attention_qkv_bias=qkv_bias,
         attention_out_bias=out_bias,
         image_attention=cfg.image_attention,

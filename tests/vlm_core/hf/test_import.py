@@ -115,6 +115,10 @@ def test_job_config_takes_the_tokenizer_from_the_llm_folder(hf_folders) -> None:
     assert job.data.tokenizer.path == str(hf_folders["qwen2"])
     assert (job.model.dim, job.model.vision.dim, job.model.vision.image_size) == (64, 32, 32)
     assert job.model.hf == source and job.model.image_attention == "causal"
+    # the project's own choices survive the import: the kernels and the projector (trained from scratch)
+    options = {"kernel_impl": "reference", "projector_layer_norm": True, "attn_impl": "sdpa", "init_std": 0.05}
+    job = hf_job_config(JobConfig(model=ModelConfig(hf=source, **options)))
+    assert {name: getattr(job.model, name) for name in options} == options
 
 
 def test_missing_paths_and_unsupported_folders_are_named(hf_folders, tmp_path: Path) -> None:
