@@ -118,7 +118,7 @@ def test_matches_reference(total, rows, dims, dtype, bias, norm):
                                     ("fc2_weight",)])  # fmt: skip
 def test_gradients_with_frozen_inputs(frozen):
     """A frozen tower (no d features) still trains the norm; a frozen norm still passes d features; a frozen
-    weight with a trained bias gets the bias gradient without the weight gradient's GEMM (which sums it)."""
+    fc1 or fc2 weight (its GEMM skipped) leaves the trained bias's gradient right."""
     rows = [1, 2, 3, 6, 7, 8, 9]
     check(12, rows, (24, 40, 36), torch.float32, DEVICE, f"proj-frozen-{frozen}", norm="affine", frozen=frozen)
 
