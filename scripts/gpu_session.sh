@@ -35,9 +35,9 @@ mkdir -p "$out"
 log="$out/$stage.log"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
-fa4_site="${FA4_SITE:-/tmp/fa4-site}"
-if [ -d "$fa4_site" ]; then # flash-attn 4, installed by scripts/fa4_wheels.sh in an earlier call on this machine
-    export PYTHONPATH="$fa4_site${PYTHONPATH:+:$PYTHONPATH}"
+fa4_paths="${FA4_SITE:-/tmp/fa4-site}/.pythonpath"
+if [ -f "$fa4_paths" ]; then # flash-attn 4, installed by scripts/fa4_wheels.sh in an earlier call on this machine
+    export PYTHONPATH="$(cat "$fa4_paths")${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 left() { echo $((budget - ($(date +%s) - start))); }

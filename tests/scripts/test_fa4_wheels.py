@@ -1,7 +1,9 @@
 """scripts/fa4_wheels.sh: the wheels packed in two parts, carried by two calls, joined, checked and installed.
 
-A stand-in wheel (a ``flash_attn.cute`` package and 300 kB of random bytes) plays flash-attn 4, and small
-parts play the 52 MB ones; "call 1" and "call 2" are two repository folders that each hold one part.
+A stand-in wheel plays flash-attn 4 and the CUTLASS DSL: its ``flash_attn.cute`` imports a package that only a
+.pth file puts on sys.path, as nvidia-cutlass-dsl's ``cutlass`` is, and it carries 300 kB of random bytes;
+a wheel named ``pytest`` plays a distribution the machine already has. Small parts play the 57 MB ones;
+"call 1" and "call 2" are two repository folders that each hold one part.
 """
 
 from __future__ import annotations
@@ -19,23 +21,31 @@ REPO = Path(__file__).resolve().parents[2]
 PART_BYTES = 200_000
 
 
-def fake_wheel(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    path = folder / "flash_attn_standin-0.1-py3-none-any.whl"
-    info = "flash_attn_standin-0.1.dist-info"
-    files = {
-        "flash_attn/__init__.py": "",
-        "flash_attn/cute/__init__.py": "def flash_attn_varlen_func(*args, **kwargs):\n    raise NotImplementedError\n",
-        f"{info}/METADATA": "Metadata-Version: 2.1\nName: flash-attn-standin\nVersion: 0.1\n",
-        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as wheel:
-        for name, text in files.items():
-            wheel.writestr(name, text)
-        wheel.writestr("flash_attn/cute/blob.bin", os.urandom(300_000))  # incompressible: the tar spans both parts
-        wheel.writestr(f"{info}/RECORD", "".join(f"{name},,\n" for name in [*files, "flash_attn/cute/blob.bin"])
-                       + f"{info}/RECORD,,\n")  # fmt: skip
+def wheel(folder: Path, name: str, files: dict[str, str | bytes]) -> Path:
+    """A minimal pure-Python wheel of ``files``."""
+    info = f"{name}-0.1.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for member, content in files.items():
+            archive.writestr(member, content)
+        archive.writestr(f"{info}/RECORD", "".join(f"{member},,\n" for member in [*files, f"{info}/RECORD"]))
     return path
+
+
+def fake_wheels(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    wheel(folder, "flash_attn_standin", {
+        "flash_attn/__init__.py": "",
+        "flash_attn/cute/__init__.py": "import standin_cutlass\nflash_attn_varlen_func = standin_cutlass.run\n",
+        "flash_attn/cute/blob.bin": os.urandom(300_000),  # incompressible: the tar spans both parts
+        "standin_dsl/__init__.py": "",
+        "standin_dsl/dsl_packages/standin_cutlass/__init__.py": "def run():\n    pass\n",
+        "standin_dsl.pth": "import sys, os, standin_dsl; "
+                           "sys.path.insert(0, os.path.join(standin_dsl.__path__[0], 'dsl_packages'))\n",
+    })  # fmt: skip
+    wheel(folder, "pytest", {"pytest_standin_marker.py": ""})
 
 
 def script(verb: str, fa4_dir: Path, tmp: Path) -> subprocess.CompletedProcess:
@@ -48,7 +58,7 @@ def script(verb: str, fa4_dir: Path, tmp: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def packed(tmp_path):
     here = tmp_path / "here"
-    fake_wheel(here / "wheels")
+    fake_wheels(here / "wheels")
     proc = script("pack", here, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return here
@@ -69,8 +79,12 @@ def test_two_calls_join_check_and_install(tmp_path, packed):
     assert first.returncode == 0 and "stashed" in first.stdout, first.stderr
     second = script("install", one_call(tmp_path, packed, "part2"), tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "installed 1 wheels" in second.stdout and "flash_attn.cute imports" in second.stdout
-    assert (tmp_path / "site" / "flash_attn" / "cute" / "blob.bin").stat().st_size == 300_000
+    assert "keeping the machine's own pytest" in second.stdout and "installed 1 wheels" in second.stdout
+    assert "flash_attn.cute imports" in second.stdout  # through the path only the .pth file adds
+    site = tmp_path / "site"
+    assert (site / "flash_attn" / "cute" / "blob.bin").stat().st_size == 300_000
+    assert not (site / "pytest_standin_marker.py").exists()
+    assert (site / ".pythonpath").read_text().split(":")[0] == str(site / "standin_dsl" / "dsl_packages")
 
 
 def test_a_corrupt_part_is_refused(tmp_path, packed):
