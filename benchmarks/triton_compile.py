@@ -234,7 +234,8 @@ def cases(ops: list[str], dtypes: list[torch.dtype], head_dims: list[int]) -> li
 # --------------------------------------------------------------------------------------------
 
 
-_PROJECTOR_KINDS = ("fwd_gelu", "fwd_scatter", "bwd_dact", "bwd_dw2", "bwd_dw1", "bwd_dx")  # fused_projector's order
+# the GEMM kinds in the order of vlm_core/kernels/fused_projector_kernels.py
+_PROJECTOR_KINDS = ("fwd_gelu", "fwd_scatter", "bwd_dact", "bwd_dw2", "bwd_dw1", "bwd_dx")
 
 
 def kernel_label(launch: Launch) -> str:

@@ -213,3 +213,8 @@ def test_limits_raise_value_error():
         projector_scatter_triton(embeds, features, rows, w1, b1, w2, b2, norm_w[:4], norm_b)
     with pytest.raises(ValueError, match="norm_eps=0.0 must be positive"):
         projector_scatter_triton(embeds, features, rows, w1, b1, w2, b2, norm_w, norm_b, 0.0)
+    with pytest.raises(ValueError, match="unknown impl='cuda'"):
+        projector_scatter(embeds, features, rows, w1, b1, w2, b2, impl="cuda")
+    fused = projector_scatter(embeds.clone(), features, rows, w1, b1, w2, b2, norm_w, norm_b, impl="triton")
+    torch.testing.assert_close(fused, projector_scatter(embeds, features, rows, w1, b1, w2, b2, norm_w, norm_b),
+                               rtol=0, atol=1e-5)  # fmt: skip
