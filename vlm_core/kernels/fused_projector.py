@@ -204,9 +204,9 @@ def _column_sum(x: torch.Tensor, m: int, rows: torch.Tensor | None, out_dtype: t
     block_m, block_n = _COLUMN_SUM_BLOCKS
     column_tiles = triton.cdiv(n, block_n)
     row_blocks = max(1, triton.cdiv(m, block_m))
-    splits = max(1, min(row_blocks, reduction_programs(column_tiles * row_blocks, x.device) // column_tiles))
-    rows_per_split = triton.cdiv(row_blocks, splits) * block_m
-    splits = max(1, triton.cdiv(m, rows_per_split))
+    wanted = max(1, reduction_programs(column_tiles * row_blocks, x.device) // column_tiles)  # <= row_blocks
+    rows_per_split = triton.cdiv(row_blocks, wanted) * block_m
+    splits = triton.cdiv(row_blocks * block_m, rows_per_split)  # none of them empty
     partial = torch.empty((splits, n), dtype=torch.float32, device=x.device)
     _kernels(interpreting()).column_sum[(column_tiles, splits)](
         x, rows if rows is not None else x, partial, m, n, x.stride(0), rows_per_split,
