@@ -93,15 +93,17 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, 
 
 
 def model_config(name: str) -> ModelConfig:
-    """``conf/model/<name>.yaml`` (tiny, small) with causal image attention, as LLaVA computes it."""
-    from omegaconf import (
-        OmegaConf,  # an entry point: reads the same YAML train.py composes
-    )
+    """``conf/model/<name>.yaml`` (tiny, small) with causal image attention, as LLaVA computes it.
+
+    Read with PyYAML, not OmegaConf: the files are plain YAML, and the GPU image this benchmark is meant for has
+    PyYAML (transformers needs it) but not omegaconf (tests/scripts/test_gpu_session.py runs it without).
+    """
+    import yaml
 
     path = ROOT / "conf" / "model" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"--model {name!r}: no {path}")
-    values = OmegaConf.to_container(OmegaConf.load(path))
+    values = yaml.safe_load(path.read_text())
     vision = VisionConfig(**values.pop("vision", {}))
     return ModelConfig(vision=vision, **{**values, "image_attention": "causal"})
 

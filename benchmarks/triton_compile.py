@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
+    if args.out:  # before minutes of compiling, not after
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.warm_cache:  # compile times from Triton's cache would be ~0; compile into a fresh one
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-compile-")
     by_name = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
