@@ -27,6 +27,7 @@ there are skipped without a GPU).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
@@ -296,8 +297,31 @@ def packed_attention_varlen(
 
     return varlen_attn(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-        scale=softmax_scale, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1],
+        scale=softmax_scale, **varlen_causal_keywords(varlen_attn, gqa=q.shape[1] != k.shape[1]),
     )
+
+
+def varlen_causal_keywords(varlen_attn, gqa: bool) -> dict:
+    """The keywords that make this torch's ``varlen_attn`` causal (and GQA), read from its signature.
+
+    Its keywords changed between releases: torch 2.10 spelled causality ``is_causal=True``, later ones
+    ``window_size=(-1, 0)``; ``enable_gqa`` appeared later still (2.13 has it, not every earlier window_size
+    release does). Without ``enable_gqa``, fewer KV heads go in as they are: FlashAttention-2 serves GQA by
+    itself when Hkv divides Hq. The GPU benchmark machine has torch 2.11, the CI machine 2.13.
+    """
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        keywords = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        keywords = {"is_causal": True}
+    else:
+        raise RuntimeError(
+            f"torch {torch.__version__}: varlen_attn takes neither window_size nor is_causal "
+            f"(parameters: {', '.join(params)}); cannot ask it for a causal mask"
+        )
+    if gqa and "enable_gqa" in params:
+        keywords["enable_gqa"] = True
+    return keywords
 
 
 def packed_attention_flash_attn(

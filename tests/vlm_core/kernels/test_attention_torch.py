@@ -3,6 +3,7 @@ the choice of implementation (resolve_attn_impl) with its fallbacks and log mess
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from vlm_core.kernels import (
     packed_attention_reference,
     resolve_attn_impl,
 )
-from vlm_core.kernels.attention_torch import packed_attention_mask_mod
+from vlm_core.kernels.attention_torch import packed_attention_mask_mod, varlen_causal_keywords
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -244,6 +245,38 @@ def test_causal_flash_kernels_match_reference_bf16(impl, layout_name, heads):
         baseline = [out.detach()] + [leaf.grad for leaf in leaves]
         for name, got, ref, base in zip(("out", "dq", "dk", "dv"), ours, want, baseline):
             assert max_err(got, ref) <= 2 * max_err(base, ref), error_report(name, got, ref, base)
+
+
+# varlen_attn's keyword-only parameters in three releases' spelling (the positional ones are the same)
+def _varlen_2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, is_causal=False, scale=None): ...
+def _varlen_window(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)): ...
+def _varlen_2_13(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                 enable_gqa=False, seqused_k=None): ...
+def _varlen_unknown(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, mask_kind="full"): ...
+
+
+@pytest.mark.parametrize(
+    ("varlen_attn", "gqa", "want"),
+    [
+        (_varlen_2_10, False, {"is_causal": True}),
+        (_varlen_2_10, True, {"is_causal": True}),  # GQA by FlashAttention-2 itself
+        (_varlen_window, True, {"window_size": (-1, 0)}),
+        (_varlen_2_13, False, {"window_size": (-1, 0)}),
+        (_varlen_2_13, True, {"window_size": (-1, 0), "enable_gqa": True}),
+    ],
+)
+def test_varlen_keywords_follow_the_installed_signature(varlen_attn, gqa, want):
+    assert varlen_causal_keywords(varlen_attn, gqa) == want
+
+
+def test_varlen_keywords_refuse_a_signature_without_causality():
+    with pytest.raises(RuntimeError, match="neither window_size nor is_causal.*mask_kind"):
+        varlen_causal_keywords(_varlen_unknown, gqa=False)
+
+
+def test_the_installed_varlen_attn_gets_keywords_it_takes():
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    assert set(varlen_causal_keywords(varlen.varlen_attn, gqa=True)) <= set(inspect.signature(varlen.varlen_attn).parameters)
 
 
 @pytest.mark.parametrize("impl", ["varlen", "flash_attn"])
