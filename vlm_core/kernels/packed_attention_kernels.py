@@ -585,6 +585,9 @@ _HELPERS = (
 # and BLOCK_M the query tile; that kernel spills with 4 warps. At Dh 96/128 most configs spill (255
 # registers and a stack frame); the last entries of each list are there because they do not: forward
 # (128, 64, 8, 2) and (64, 64, 8, 3), dK/dV (32, 64, 8, 2), (32, 128, 8, 2) and (16, 64, 8, 3).
+# Triton 3.6, the GPU machine's, spills more in dK/dV: at Dh 96 every entry above spills there, at Dh 128
+# all but (32, 64, 8, 2). The last entry, (32, 64, 8, 1), is spill-free at every head dim under 3.6 and
+# 3.7.1; 16 warps (at most 128 registers a thread) spill everywhere (triton_compile_sm90_triton3.6.md).
 _GPU_FWD_CONFIGS = (
     (128, 64, 4, 3),
     (128, 64, 8, 3),
@@ -609,6 +612,7 @@ _GPU_DKDV_CONFIGS = (
     (32, 64, 8, 2),
     (32, 128, 8, 2),
     (16, 64, 8, 3),
+    (32, 64, 8, 1),
 )
 # float32 on a GPU multiplies exactly ("ieee"), on CUDA cores, with every operand in registers:
 # only small tiles stay (nearly) free of spills. A fallback for debugging, not a fast path.
