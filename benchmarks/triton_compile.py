@@ -378,8 +378,9 @@ def _versions() -> str:
     import triton
 
     commit = git_commit()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
+    # Changes to the code, not to benchmarks/results (reports being rewritten, this one or a concurrent run's)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)benchmarks/results"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     commit += " with uncommitted changes" if dirty else ""
     return (f"commit {commit}, triton {triton.__version__}, torch {torch.__version__}, "
             f"Python {platform.python_version()}, {platform.machine()}")
