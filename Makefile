@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test cuda-check clean-cache
+.PHONY: setup train test cuda-check gpu-wheels clean-cache
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ test: setup
 # ~/.cache/vlm-data-metabolism/cuda-build-check (about 330 MB); tests/scripts runs the same check.
 cuda-check: setup
 	$(BIN)/python scripts/cuda_build_check.py $(ARGS)
+
+# hydra-core and omegaconf (with antlr4's source archive, which has no wheel) at constraints.txt's pins, for
+# `scripts/gpu_session.sh e2e` on a GPU machine without them: carry .gpu-wheels/ to it (under 1 MB).
+GPU_WHEELS := hydra-core omegaconf antlr4-python3-runtime
+gpu-wheels: setup
+	rm -rf .gpu-wheels
+	$(BIN)/pip download --quiet --no-deps -d .gpu-wheels $(foreach d,$(GPU_WHEELS),$(d)==$(shell $(BIN)/python -c "import importlib.metadata as m; print(m.version('$(d)'))"))
+	ls -l .gpu-wheels
 
 clean-cache:
 	rm -rf ~/.cache/vlm-data-metabolism

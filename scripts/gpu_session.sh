@@ -6,6 +6,14 @@
 #   bash scripts/gpu_session.sh attention   # bench_packed_attention.py at Dh 128, then Dh 64
 #   bash scripts/gpu_session.sh fused       # bench_projector, bench_linear_cross_entropy, bench_norm_swiglu
 #   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1)
+#   bash scripts/gpu_session.sh e2e         # train.py on the GPU (Triton kernels in the training loop): a
+#                                           # small run, then the default recipe (needs carry [".gpu-wheels"])
+#
+# e2e runs the project's own entry point, which needs hydra-core and omegaconf (the GPU image has neither):
+# `make gpu-wheels` downloads the pinned ones here into .gpu-wheels/ (under 1 MB), which the device call carries;
+# the stage installs them into /tmp/gpu-e2e-site without an index. It does not run torchrun: a world of one
+# process joins no process group, and nccl refuses two ranks on one GPU, so the nccl paths need a machine with
+# two GPUs, which is not lent (tensor parallelism runs on CPU with gloo in CI).
 #
 # For flash-attn 4 in the attention stage, install it first with scripts/fa4_wheels.sh (two calls; see there).
 #
@@ -21,17 +29,19 @@ cd "$(dirname "$0")/.."
 
 stage="${1:-}"
 case "$stage" in
-check | attention | fused | train) ;;
+check | attention | fused | train | e2e) ;;
 *)
-    echo "usage: bash scripts/gpu_session.sh check|attention|fused|train   (see the header)" >&2
+    echo "usage: bash scripts/gpu_session.sh check|attention|fused|train|e2e   (see the header)" >&2
     exit 2
     ;;
 esac
 out="${OUT:-gpu-out}"
+runs="${E2E_RUNS:-/tmp/gpu-e2e}" # e2e's run directories (absolute: the archive step changes into it)
 budget="${STAGE_BUDGET_S:-540}"
 smoke="${GPU_SESSION_SMOKE:-0}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
+out_abs="$(cd "$out" && pwd)"
 log="$out/$stage.log"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
@@ -90,6 +100,29 @@ fused)
 train)
     run train "$py" benchmarks/bench_train.py $(smoke_flag)
     ;;
+e2e)
+    site="${E2E_SITE:-/tmp/gpu-e2e-site}"
+    wheels="${GPU_WHEELS:-.gpu-wheels}"
+    if compgen -G "$wheels/*" >/dev/null; then
+        # antlr4-python3-runtime 4.9.3 is a source archive only: built here, offline, with the image's setuptools
+        run install-wheels "$py" -m pip install --quiet --no-deps --no-index --no-build-isolation --upgrade \
+            --target "$site" "$wheels"/*
+    else
+        echo "== install-wheels: no $wheels/ (make gpu-wheels here, then carry it); $site from an earlier call, if any" |
+            tee -a "$log"
+    fi
+    if compgen -G "$site/*" >/dev/null; then
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    # The small world and model of tests/test_train_e2e.py: seconds of training, every stage of the job
+    small=(train=smoke data.world.train_per_skill=16 data.world.eval_per_skill=3 data.world.turns_per_record=2
+        model.layers=2 model.vision.layers=2 train.batch_size=16 train.align.batch_size=16 train.tower.batch_size=32
+        eval.max_new_tokens=24 "data.cache_dir=$runs/cache")
+    run train-small "$py" train.py "hydra.run.dir=$runs/small" "${small[@]}"
+    if [ "$smoke" != 1 ]; then # the default recipe, as `make train` runs it on the CPU (~8 min on 2 cores)
+        run train-default "$py" train.py "hydra.run.dir=$runs/default" "data.cache_dir=$runs/cache-default"
+    fi
+    ;;
 esac
 
 # everything this stage wrote under benchmarks/results, plus its log and junit file, as one archive
@@ -97,5 +130,13 @@ echo "== $stage: $(($(date +%s) - start))s" | tee -a "$log"
 mapfile -t results < <(find benchmarks/results -type f -newer "$out/.stamp" | sort)
 mapfile -t own < <(cd "$out" && find . -maxdepth 1 -type f -newer .stamp \( -name "$stage.log" -o -name '*.xml' \) |
     sort)
-tar -czf "$out/$stage.tar.gz" "${results[@]}" -C "$out" "${own[@]}"
-echo "archived ${#results[@]} result files and ${#own[@]} logs in $out/$stage.tar.gz"
+members=("${results[@]}" -C "$out_abs" "${own[@]}")
+runs_files=() # e2e: the runs' logs, metrics and evaluations, as gpu-e2e/<run>/... (checkpoints and caches stay)
+if [ "$stage" = e2e ] && [ -d "$runs" ]; then
+    name="$(basename "$runs")"
+    mapfile -t runs_files < <(cd "$runs/.." && find "$name" -mindepth 2 -type f -newer "$out_abs/.stamp" \
+        -not -path "$name/cache*" -not -path '*/checkpoints/*' | sort)
+    [ ${#runs_files[@]} -gt 0 ] && members+=(-C "$(cd "$runs/.." && pwd)" "${runs_files[@]}")
+fi
+tar -czf "$out/$stage.tar.gz" "${members[@]}"
+echo "archived ${#results[@]} result files, ${#own[@]} logs and ${#runs_files[@]} run files in $out/$stage.tar.gz"

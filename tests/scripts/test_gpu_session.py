@@ -9,6 +9,8 @@ those imports fail here too, so a stage that needs one fails in CI instead of in
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -36,16 +38,25 @@ def copy(tmp_path):
 # What the GPU image's Python does not have (top-level module names).
 NOT_ON_THE_GPU_IMAGE = ("hydra", "hydra_plugins", "omegaconf", "megatron", "submitit", "faiss")
 
-_BLOCKER = f'''import sys
+_BLOCKER = f'''import os
+import sys
+from importlib.machinery import PathFinder
 
 
 class _NotOnTheGpuImage:
-    """Refuses the imports the GPU image could not satisfy."""
+    """Refuses the imports the GPU image could not satisfy, but from the folders in GPU_IMAGE_CARRIED (where a
+    stage installed carried wheels)."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {NOT_ON_THE_GPU_IMAGE!r}:
+        if name.partition(".")[0] not in {NOT_ON_THE_GPU_IMAGE!r}:
+            return None
+        if path is not None:  # a submodule, searched in its package's folder: the package itself got through
+            return None
+        carried = [p for p in os.environ.get("GPU_IMAGE_CARRIED", "").split(os.pathsep) if p]
+        spec = PathFinder.find_spec(name, carried) if carried else None
+        if spec is None:
             raise ModuleNotFoundError(f"{{name}} is not on the GPU image (tests/scripts/test_gpu_session.py)")
-        return None
+        return spec
 
 
 sys.meta_path.insert(0, _NotOnTheGpuImage())
@@ -103,6 +114,40 @@ def test_train_stage_runs_bench_train_without_hydra_or_megatron(copy):
     assert "== train: exit 0" in log, log
     with tarfile.open(copy / "out" / "train.tar.gz") as tar:
         assert any(n.startswith("benchmarks/results/train_") for n in tar.getnames()), tar.getnames()
+
+
+def _carried_site(folder: Path) -> Path:
+    """What `pip install --target` of .gpu-wheels makes, from this environment's own hydra, omegaconf and antlr4."""
+    folder.mkdir()
+    for module in ("hydra", "omegaconf", "antlr4"):
+        spec = importlib.util.find_spec(module)
+        (folder / module).symlink_to(Path(spec.origin).parent, target_is_directory=True)
+    return folder
+
+
+def test_e2e_stage_trains_with_carried_hydra_and_archives_the_run(copy, tmp_path):
+    site = _carried_site(tmp_path / "site")
+    runs = tmp_path / "gpu-e2e"
+    proc = _stage(copy, "e2e", E2E_SITE=str(site), GPU_IMAGE_CARRIED=str(site), E2E_RUNS=str(runs),
+                  GPU_WHEELS=str(tmp_path / "no-wheels"))
+    log = (copy / "out" / "e2e.log").read_text()
+    assert proc.returncode == 0 and "== train-small: exit 0" in log, log
+    assert "train-default" not in log  # the full recipe only on the GPU
+    with tarfile.open(copy / "out" / "e2e.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"./e2e.log", "gpu-e2e/small/eval.json", "gpu-e2e/small/metrics.jsonl", "gpu-e2e/small/train.log"} <= names
+    assert not any("/checkpoints/" in n or "/cache" in n for n in names), sorted(names)
+    metrics = [json.loads(line) for line in (runs / "small" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("stage") == "instruct" for m in metrics)
+
+
+def test_without_carried_hydra_the_e2e_stage_fails_where_the_gpu_image_would(copy, tmp_path):
+    proc = _stage(copy, "e2e", E2E_SITE=str(tmp_path / "empty"), E2E_RUNS=str(tmp_path / "runs"),
+                  GPU_WHEELS=str(tmp_path / "no-wheels"))
+    log = (copy / "out" / "e2e.log").read_text()
+    assert proc.returncode == 0, proc.stderr  # a failed step is logged, and the stage still archives
+    assert "make gpu-wheels" in log
+    assert "== train-small: exit 1" in log and "hydra is not on the GPU image" in log, log
 
 
 def test_attention_stage_runs_its_smoke_benchmark(copy):
