@@ -36,7 +36,7 @@ check | attention | fused | train | e2e) ;;
     ;;
 esac
 out="${OUT:-gpu-out}"
-runs="${E2E_RUNS:-/tmp/gpu-e2e}" # e2e's run directories (absolute: the archive step changes into it)
+runs="${E2E_RUNS:-/tmp/gpu-e2e}" # e2e's run directories, outside $OUT (checkpoints would come back with it)
 budget="${STAGE_BUDGET_S:-540}"
 smoke="${GPU_SESSION_SMOKE:-0}"
 py="${PYTHON:-python3}"
