@@ -2,7 +2,7 @@
 # The GPU work of issues 3 and 7 (and the training MFU of issue 6), in stages that each fit one 10-minute
 # call on a lent H100/H200 (see DEVELOPERS.md). Run from the repo root on the GPU machine:
 #
-#   bash scripts/gpu_session.sh check       # versions, CUDA build of csrc/, every kernel test at real sizes
+#   bash scripts/gpu_session.sh check       # versions, CUDA build of csrc/, every kernel test on the GPU
 #   bash scripts/gpu_session.sh attention   # bench_packed_attention.py at Dh 128, then Dh 64
 #   bash scripts/gpu_session.sh fused       # bench_projector, bench_linear_cross_entropy, bench_norm_swiglu
 #   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1)
@@ -80,8 +80,13 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
     command -v nvidia-smi >/dev/null && run nvidia-smi nvidia-smi
     # the CUDA part of csrc/ builds where torch is a CUDA build and nvcc is found (setup.py says which it did)
     run build-ext "$py" setup.py build_ext --inplace
-    run kernel-tests "$py" -m pytest -q -p no:cacheprovider --junitxml="$out/junit-kernels.xml" \
-        tests/vlm_core/kernels tests/vlm_core/model/test_attn_impl_training.py
+    # Every kernel test, each autotuned kernel narrowed to its first config (one compile per shape class, no
+    # timing: hundreds of test shapes would otherwise each compile and time ~10 configs); then the real-size
+    # tests (marked gpu) again with full autotuning, so that the configs training would pick are checked too.
+    run kernel-tests env VLM_TRITON_AUTOTUNE=first "$py" -m pytest -q -p no:cacheprovider \
+        --junitxml="$out/junit-kernels.xml" tests/vlm_core/kernels tests/vlm_core/model/test_attn_impl_training.py
+    run kernel-tests-autotuned "$py" -m pytest -q -p no:cacheprovider -m gpu \
+        --junitxml="$out/junit-kernels-autotuned.xml" tests/vlm_core/kernels
     ;;
 attention)
     if [ "$smoke" = 1 ]; then

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from vlm_core.kernels.rmsnorm import _norm_bwd_kernel
 
 # _cast and _dot are device helpers the kernels call; make_jit decorates them with them.
-from vlm_core.kernels.triton_runtime import _cast, _dot, make_jit
+from vlm_core.kernels.triton_runtime import _cast, _dot, autotune_candidates, make_jit
 
 if TYPE_CHECKING:
     import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
@@ -269,11 +269,11 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         def keep_for_dtype(configs, named_args, **kwargs):
             # the products' dtype, not A's: float32 d embeds (autocast) or features (LayerNorm) meet half weights
             wanted = _GPU_FP32_CONFIGS if kwargs["DOT_PRECISION"] == "ieee" else _GPU_CONFIGS
-            return [
+            return autotune_candidates([
                 c
                 for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in wanted
-            ]
+            ])
 
         matmul = triton.autotune(
             [config(*c) for c in _GPU_CONFIGS + _GPU_FP32_CONFIGS],

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 # _dot and _cast are device helpers the kernels below call; make_jit decorates them with the kernels.
-from vlm_core.kernels.triton_runtime import _cast, _dot, make_jit
+from vlm_core.kernels.triton_runtime import _cast, _dot, autotune_candidates, make_jit
 
 if TYPE_CHECKING:
     # Importing triton here would fix interpreter-or-GPU for triton's own library (tl.max,
@@ -658,12 +658,12 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             )
             if kwargs.get("BLOCK_D", 0) > 64:
                 wanted = [c for c in wanted if c not in too_big_for_wide_heads]
-            return [
+            return autotune_candidates([
                 c
                 for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 in wanted
-            ]
+            ])
 
         return triton.autotune(
             [config(*c) for c in dict.fromkeys(half_configs + fp32_configs)],

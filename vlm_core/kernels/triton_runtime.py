@@ -10,12 +10,14 @@
 - :func:`_dot` and :func:`_cast` are device helpers (plain functions, decorated with the kernels that
   call them) that work around the interpreter's bfloat16 arithmetic.
 - :func:`compute_dtype` is the dtype a fused op computes in: autocast's, when autocast is on.
+- :func:`autotune_candidates` narrows an autotuned launch to its first config (VLM_TRITON_AUTOTUNE=first).
 
 Nothing here imports triton at module import time.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -123,6 +125,23 @@ def make_jit(module_name: str) -> tuple[dict, Callable]:
     for helper in DEVICE_HELPERS:
         jit(helper)
     return namespace, jit
+
+
+AUTOTUNE_ENV = "VLM_TRITON_AUTOTUNE"
+
+
+def autotune_candidates(configs: list) -> list:
+    """The autotune configs to time, of those an op kept for a launch: all, or the first alone when the
+    environment has VLM_TRITON_AUTOTUNE=first.
+
+    ``first`` is for correctness runs on a GPU (scripts/gpu_session.sh check): each kernel compiles one config
+    per shape class instead of ten and nothing is timed, so hundreds of test shapes fit in minutes. Training
+    and benchmarks leave it unset. Read at each new autotune key, so it can be set after import.
+    """
+    mode = os.environ.get(AUTOTUNE_ENV, "all")
+    if mode not in ("all", "first"):
+        raise ValueError(f"{AUTOTUNE_ENV}={mode!r}; expected 'all' (the default) or 'first'")
+    return configs[:1] if mode == "first" else configs
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:

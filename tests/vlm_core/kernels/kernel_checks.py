@@ -22,7 +22,13 @@ import torch
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-requires_cuda = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+
+
+def requires_cuda(test):
+    """A test at real sizes on a GPU: skipped elsewhere, and marked ``gpu`` so that a GPU session can run these
+    alone with full autotuning (scripts/gpu_session.sh check)."""
+    skip = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+    return pytest.mark.gpu(skip(test))
 
 
 def generator(text: str) -> torch.Generator:
