@@ -78,6 +78,7 @@ from vlm_core.data.image import ImageProcessor
 from vlm_core.data.packing import pack
 from vlm_core.data.prepare import prepare_data
 from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
+from vlm_core.hf.export import siglip_hidden_states_can_end_normed
 from vlm_core.model.config import ModelConfig, VisionConfig
 from vlm_core.model.vlm import VLM
 from vlm_core.train.lm import lm_loss
@@ -115,14 +116,21 @@ class Setup:
     batches: list[list[TokenizedSample]]  # the same batches for every provider
     device: torch.device
     bf16: bool
+    adjusted: list[str]  # what was changed in the model config so that transformers can compute the same function
 
 
 def setup(model: str, batch_size: int, steps: int, device: torch.device, precision: str, data_cfg: DataConfig,
           seed: int = 0) -> Setup:
     """World samples -> tokenized batches (same for every provider); the model config."""
     cfg = model_config(model)
+    adjusted = []
     if cfg.projector_hidden is None or cfg.projector_hidden != cfg.dim:
         cfg = replace(cfg, projector_hidden=cfg.dim)  # LLaVA's projector is D_v -> D -> D
+    if cfg.vision.final_norm and not siglip_hidden_states_can_end_normed():
+        # e.g. transformers 5.17, the GPU image's: its LLaVA would read the tower's features before the final norm
+        cfg = replace(cfg, vision=replace(cfg.vision, final_norm=False))
+        adjusted.append(f"vision.final_norm=false (transformers {importlib.metadata.version('transformers')} cannot export the final "
+                        "norm; one LayerNorm over the image features, on both sides)")
     with tempfile.TemporaryDirectory() as run_dir:
         data = prepare_data(data_cfg, Path(run_dir), show_progress=False)
         tokenizer = load_tokenizer(data.tokenizer_dir)
@@ -132,7 +140,7 @@ def setup(model: str, batch_size: int, steps: int, device: torch.device, precisi
     order = np.random.default_rng(seed).permutation(len(dataset))[: batch_size * steps]
     samples = [dataset[int(index)] for index in order]
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    return Setup(cfg, tokenizer, batches, device, use_bf16(precision, device))
+    return Setup(cfg, tokenizer, batches, device, use_bf16(precision, device), adjusted)
 
 
 # ------------------------------------------------------------------------------------------ providers
@@ -387,6 +395,7 @@ def main(argv: list[str] | None = None) -> Path:
         (f"model: {model_name} ({sum(p.numel() for p in ours.parameters()):,} parameters, vocab {ours.vocab_size}), "
          f"row_len {row_len}, {args.steps} timed steps after {args.warmup} warm-up steps"),
         f"loss |ours - hf| on the first batch in fp32: {agreement:.2e} (same weights, same function)",
+        *(f"model config adjusted for transformers: {change}" for change in s.adjusted),
         f"MFU peak: {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: not on CPU (no meaningful peak)",
     ]
     stem = f"train_{model_name}_{device.type}"

@@ -31,6 +31,7 @@ Limits, each refused with the reason:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -73,6 +74,24 @@ class ExportError(ValueError):
     """A model that has no exact LLaVA equivalent; the message says which setting and why."""
 
 
+@functools.cache
+def siglip_hidden_states_can_end_normed() -> bool:
+    """Does this transformers honour ``tie_last_hidden_states`` in a SigLIP vision config?
+
+    LLaVA feeds its projector ``hidden_states[vision_feature_layer]``. A native tower with a final LayerNorm
+    exports as SigLIP whose ``hidden_states[-1]`` must be the post-norm output; recent transformers take that from
+    ``config.tie_last_hidden_states``, earlier ones (5.17, for one) ignore the field and give the pre-norm state,
+    so the export would silently compute something else. Answered by running a one-layer SigLIP tower on 4 pixels.
+    """
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                image_size=4, patch_size=2, vision_use_head=False, tie_last_hidden_states=True)
+    with torch.no_grad():
+        out = SiglipVisionModel(config).eval()(torch.randn(1, 3, 4, 4), output_hidden_states=True)
+    return torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+
 def export_problems(cfg: ModelConfig) -> list[str]:
     """Why ``cfg`` cannot be exported exactly (empty when it can)."""
     problems = []
@@ -98,6 +117,14 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         )
     if not v.class_token and v.pre_norm:
         problems.append("model.vision.pre_norm=true without class_token: SigLIP has no pre-norm and CLIP a CLS token")
+    if not v.class_token and v.final_norm and not siglip_hidden_states_can_end_normed():
+        import transformers
+
+        problems.append(
+            f"model.vision.final_norm=true: transformers {transformers.__version__} gives LLaVA SigLIP's hidden state "
+            "before its final LayerNorm whatever the config says (later releases read tie_last_hidden_states); "
+            "upgrade transformers (constraints.txt pins one that works) or export a tower with final_norm=false"
+        )
     if cfg.attention_out_bias and not cfg.attention_qkv_bias:
         problems.append("model.attention_out_bias without attention_qkv_bias matches neither Llama nor Qwen2")
     return problems

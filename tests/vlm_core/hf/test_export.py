@@ -15,6 +15,7 @@ from vlm_core.data.image import ImageProcessor
 from vlm_core.data.tokenizer import ChatEncoder, load_tokenizer, train_tokenizer
 from vlm_core.eval.generate import greedy_generate
 from vlm_core.hf.checkpoint import read_model_tensors
+from vlm_core.hf import export
 from vlm_core.hf.export import ExportError, export_checkpoint, main
 from vlm_core.hf.load import import_model, resolve_model_config
 from vlm_core.model.config import HFSourceConfig, ModelConfig, VisionConfig
@@ -123,6 +124,22 @@ def test_a_projector_layer_norm_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"model\.projector_layer_norm=true: LLaVA's multi_modal_projector has no"):
         export_checkpoint(checkpoint, tmp_path / "llava")
     assert not (tmp_path / "llava").exists()
+
+
+def test_this_transformers_gives_llava_the_final_normed_siglip_features() -> None:
+    # constraints.txt pins a transformers that reads SiglipVisionConfig.tie_last_hidden_states (5.17 does not)
+    assert export.siglip_hidden_states_can_end_normed()
+
+
+def test_a_transformers_without_the_final_norm_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(export, "siglip_hidden_states_can_end_normed", lambda: False)  # as under transformers 5.17
+    checkpoint = native_checkpoint(tmp_path)
+    with pytest.raises(ExportError, match=r"model\.vision\.final_norm=true: transformers .* before its final LayerNorm"):
+        export_checkpoint(checkpoint, tmp_path / "llava")
+    assert not (tmp_path / "llava").exists()
+    without = ModelConfig(vision=VisionConfig(image_size=32, patch_size=16, dim=32, layers=2, heads=2, final_norm=False),
+                          dim=64, layers=2, heads=4, kv_heads=2, image_attention="causal")
+    assert export.export_problems(without) == []  # the tower's raw output exports with any transformers
 
 
 def test_sharded_checkpoint_is_merged_and_an_incomplete_one_refused(tmp_path: Path) -> None:
