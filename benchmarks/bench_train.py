@@ -129,8 +129,9 @@ def setup(model: str, batch_size: int, steps: int, device: torch.device, precisi
     if cfg.vision.final_norm and not siglip_hidden_states_can_end_normed():
         # e.g. transformers 5.17, the GPU image's: its LLaVA would read the tower's features before the final norm
         cfg = replace(cfg, vision=replace(cfg.vision, final_norm=False))
-        adjusted.append(f"vision.final_norm=false (transformers {importlib.metadata.version('transformers')} cannot export the final "
-                        "norm; one LayerNorm over the image features, on both sides)")
+        version = importlib.metadata.version("transformers")
+        adjusted.append(f"vision.final_norm=false (transformers {version} cannot export the final norm; one LayerNorm "
+                        "over the image features, on both sides)")
     with tempfile.TemporaryDirectory() as run_dir:
         data = prepare_data(data_cfg, Path(run_dir), show_progress=False)
         tokenizer = load_tokenizer(data.tokenizer_dir)

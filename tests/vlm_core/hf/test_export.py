@@ -128,7 +128,10 @@ def test_a_projector_layer_norm_is_refused(tmp_path: Path) -> None:
 
 def test_this_transformers_gives_llava_the_final_normed_siglip_features() -> None:
     # constraints.txt pins a transformers that reads SiglipVisionConfig.tie_last_hidden_states (5.17 does not)
+    export.siglip_hidden_states_can_end_normed.cache_clear()
+    before = torch.random.get_rng_state()
     assert export.siglip_hidden_states_can_end_normed()
+    assert torch.equal(torch.random.get_rng_state(), before)  # the probe draws from a forked random stream
 
 
 def test_a_transformers_without_the_final_norm_is_refused(tmp_path: Path, monkeypatch) -> None:
