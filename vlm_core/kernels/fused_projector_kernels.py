@@ -44,6 +44,13 @@ def _gelu_grad(x):
     return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
+def _positions(Index, offs, ok, GATHER: tl.constexpr):
+    """int64 positions of ``offs``: Index[offs] (0 where not ok) when GATHER, else offs themselves."""
+    if GATHER:
+        return tl.load(Index + offs, mask=ok, other=0).to(tl.int64)
+    return offs.to(tl.int64)
+
+
 def _matmul_kernel(
     A,
     B,
@@ -118,10 +125,7 @@ def _matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    if GATHER_A_ROWS:
-        a_rows = tl.load(RowsA + offs_m, mask=m_ok, other=0).to(tl.int64)
-    else:
-        a_rows = offs_m.to(tl.int64)
+    a_rows = _positions(RowsA, offs_m, m_ok, GATHER_A_ROWS)
     if NORM_A:
         mean_m = tl.load(Mean + offs_m, mask=m_ok, other=0.0)
         rstd_m = tl.load(Rstd + offs_m, mask=m_ok, other=0.0)
@@ -133,10 +137,7 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        if GATHER_K:
-            a_cols = tl.load(IndexK + offs_k, mask=k_ok, other=0).to(tl.int64)
-        else:
-            a_cols = offs_k.to(tl.int64)
+        a_cols = _positions(IndexK, offs_k, k_ok, GATHER_K)
         a = tl.load(
             A + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
             mask=m_ok[:, None] & k_ok[None, :],
@@ -180,10 +181,7 @@ def _matmul_kernel(
     if COL_SUM_C:
         column_sums = tl.sum(tl.where(mask, acc, 0.0), 0)
         tl.store(ColSumC + pid_m.to(tl.int64) * N + offs_n, column_sums, mask=n_ok)
-    if SCATTER_C:
-        c_rows = tl.load(RowsC + offs_m, mask=m_ok, other=0).to(tl.int64)
-    else:
-        c_rows = offs_m.to(tl.int64)
+    c_rows = _positions(RowsC, offs_m, m_ok, SCATTER_C)
     c_pointers = C + c_rows[:, None] * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     tl.store(c_pointers, _cast(acc, C.dtype.element_ty, INTERPRET_BF16), mask=mask)
 
@@ -201,10 +199,7 @@ def _column_sum_kernel(
     for m0 in range(first, tl.minimum(first + rows_per_split, M), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        if GATHER:
-            rows = tl.load(Rows + offs_m, mask=m_ok, other=0).to(tl.int64)
-        else:
-            rows = offs_m.to(tl.int64)
+        rows = _positions(Rows, offs_m, m_ok, GATHER)
         x = tl.load(X + rows[:, None] * stride_m + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
     tl.store(Out + split.to(tl.int64) * N + offs_n, acc, mask=n_ok)
@@ -255,6 +250,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     _, jit = make_jit(__name__)
     jit(_gelu)
     jit(_gelu_grad)
+    jit(_positions)
 
     def config(m, n, k, warps, stages):
         return triton.Config(

@@ -36,9 +36,11 @@ def generator(text: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(text.encode()))
 
 
-def run_with_grads(fn, inputs, grad_out, cast=None):
-    """[output, grad of each input] of fn(*inputs) with the shared grad_out; inputs cast to ``cast`` first."""
-    leaves = [x.detach().clone().to(cast or x.dtype).requires_grad_(x.is_floating_point()) for x in inputs]
+def run_with_grads(fn, inputs, grad_out, cast=None, trainable=None):
+    """[output, grad of each input] of fn(*inputs) with the shared grad_out; inputs cast to ``cast`` first.
+    Every floating-point input requires grad, or those with a true entry in ``trainable`` (one per input)."""
+    trainable = [x.is_floating_point() for x in inputs] if trainable is None else trainable
+    leaves = [x.detach().clone().to(cast or x.dtype).requires_grad_(t) for x, t in zip(inputs, trainable, strict=True)]
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     return [out.detach()] + [leaf.grad for leaf in leaves if leaf.requires_grad]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DEVICE, check_close, generator, requires_cuda
+from kernel_checks import DEVICE, check_close, generator, requires_cuda, run_with_grads
 
 from vlm_core.kernels.fused_projector import (
     FusedProjector,
@@ -66,12 +66,8 @@ def check(total, rows, dims, dtype, device, name, bias=True, norm=None, frozen=(
         return run
 
     def grads(fn, cast=None):
-        leaves = [tensors[key].detach().clone().to(cast or dtype) for key in present]
-        for key, leaf in zip(present, leaves):
-            leaf.requires_grad_(key not in frozen)
-        out = call(fn)(*leaves)
-        out.backward(grad_out.to(out.dtype))
-        return [out.detach()] + [leaf.grad for key, leaf in zip(present, leaves) if key not in frozen]
+        inputs = [tensors[key] for key in present]
+        return run_with_grads(call(fn), inputs, grad_out, cast, trainable=[key not in frozen for key in present])
 
     ours = grads(projector_scatter_triton)
     exact = grads(projector_scatter_reference, cast=torch.float64)
@@ -165,13 +161,14 @@ def test_layer_norm_under_autocast():
     names = [key for key in NAMES if tensors[key] is not None]
 
     def run(fn, cast=None, autocast=True):
-        leaves = [tensors[key].detach().clone().to(cast or torch.float32).requires_grad_() for key in names]
-        args = dict(zip(names, leaves))
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-            out = fn(args["embeds"] * 1, args["features"], rows, *(args[key] for key in NAMES[2:]))
-        assert out.dtype == (cast or torch.float32)  # stored into the float32 buffer
-        out.backward(grad_out.to(out.dtype))
-        return [out.detach()] + [leaf.grad for leaf in leaves]
+        def call(*leaves):
+            args = dict(zip(names, leaves))
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                return fn(args["embeds"] * 1, args["features"], rows, *(args[key] for key in NAMES[2:]))
+
+        results = run_with_grads(call, [tensors[key] for key in names], grad_out, cast)
+        assert results[0].dtype == (cast or torch.float32)  # stored into the float32 buffer
+        return results
 
     ours = run(projector_scatter_triton)
     baseline = run(projector_scatter_reference)
