@@ -12,7 +12,7 @@ does the loss only, and its "backward" row is only the scaling of the saved grad
 
 GPU:   python benchmarks/bench_linear_cross_entropy.py          (N 16384, D 2048, V 151936, bf16)
 CPU:   python benchmarks/bench_linear_cross_entropy.py --smoke  (tiny; eager, and ours under TRITON_INTERPRET=1)
-Results go to benchmarks/results/linear_cross_entropy_<device>.{md,csv}.
+Results go to benchmarks/results/linear_cross_entropy_<device>.{md,csv,png}, the targets judged below the table.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Bytes counted (s = element size; the minimum each op must move):
 
 GPU:   python benchmarks/bench_norm_swiglu.py        (tokens 16384; D 2048 4096 8192; H 5632 11008 14336; bf16)
 CPU:   python benchmarks/bench_norm_swiglu.py --smoke   (tiny; eager, and ours under TRITON_INTERPRET=1)
-Results go to benchmarks/results/norm_swiglu_<device>.{md,csv}.
+Results go to benchmarks/results/norm_swiglu_<device>.{md,csv,png}.
 """
 
 from __future__ import annotations

@@ -34,14 +34,13 @@ peak allocated during one call, above what was allocated before it (inputs, bloc
 GPU:   python benchmarks/bench_packed_attention.py
 CPU:   python benchmarks/bench_packed_attention.py --smoke   (tiny sizes; reference, sdpa, flex, and ours
        when TRITON_INTERPRET=1 makes Triton's interpreter available; seconds)
-Results go to benchmarks/results/packed_attention_<device>.{md,csv}; the header records the device,
-date, commit, library versions and the exact command.
+Results go to benchmarks/results/packed_attention_<device>.{md,csv,png}; the header records the device,
+date, commit, library versions and the exact command, and the issue's targets are judged below the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import importlib
@@ -61,6 +60,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import git_commit  # kernel_bench and bench_train import it from here
+from benchmarks.report import write_tables
 from vlm_core.kernels import (
     _check_packed_attention_inputs,
     _triton_module,
@@ -366,27 +366,9 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+TITLE = "Packed attention benchmark"
 COLUMNS = ["workload", "total", "segments", "images", "Hq", "Hkv", "Dh", "dtype", "mode", "provider", "ms",
            "TFLOP/s", "x vs ours", "peak MiB", "max |out - first|", "note"]
-
-
-def write_tables(rows: list[dict], header: list[str], out_dir: Path, stem: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    lines = [f"# Packed attention benchmark ({stem})", ""] + [f"- {line}" for line in header] + [""]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
-    with csv_path.open("w", newline="") as handle:
-        for line in header:  # comment lines; csv readers skip them with a filter on "# "
-            handle.write(f"# {line}\n")
-        writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow([row.get(c, "") for c in COLUMNS])
-    return md_path, csv_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -441,7 +423,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     stem = args.stem or ("packed_attention_smoke_cpu" if args.smoke else
                          "packed_attention_" + device_name(device).lower().replace(" ", "-").replace("/", "-"))
     rows: list[dict] = []
-    paths = write_tables(rows, header, args.out_dir, stem)
+    paths = write_tables(TITLE, rows, header, args.out_dir, stem, COLUMNS)
     for workload in args.workloads:
         for total in args.totals:
             for heads in args.heads:
@@ -452,7 +434,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                     _check_packed_attention_inputs(case.q, case.k, case.v, case.cu_seqlens, case.max_seqlen,
                                                    case.bidir_group, None)  # the contract every provider assumes
                     rows += run_case(case, args, warmup, reps)
-                    paths = write_tables(rows, header, args.out_dir, stem)  # partial results survive a timeout
+                    paths = write_tables(TITLE, rows, header, args.out_dir, stem, COLUMNS)  # partial results survive a timeout
                     print(f"{workload} total={total} heads={heads} Dh={head_dim}: done", file=sys.stderr)
     print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return paths

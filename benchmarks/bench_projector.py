@@ -17,7 +17,8 @@ GEMMs); full three times. The buffer holds the image tokens plus 50% as many tex
 
 GPU:   python benchmarks/bench_projector.py          (16 32 64 images, bf16; --layer-norm for InternVL's)
 CPU:   python benchmarks/bench_projector.py --smoke  (tiny; eager, and ours under TRITON_INTERPRET=1)
-Results go to benchmarks/results/projector_<device>.{md,csv} (projector_layernorm_<device> with --layer-norm).
+Results go to benchmarks/results/projector_<device>.{md,csv,png} (projector_layernorm_<device> with
+--layer-norm), the targets judged below the table.
 """
 
 from __future__ import annotations

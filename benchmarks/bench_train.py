@@ -42,8 +42,8 @@ with the peak bf16 dense tensor throughput of the GPU (``--peak-tflops``; H100 S
 CPU:  python benchmarks/bench_train.py                      (tiny model; ours vs hf, tokens/s and the ratio)
 GPU:  python benchmarks/bench_train.py --model small        (MFU at TP=1 on one device; hf as well)
       add --providers ours to skip the HF baseline.
-Results go to benchmarks/results/train_<model>_<device>.md; the header records the device, date, commit,
-library versions and the exact command.
+Results go to benchmarks/results/train_<model>_<device>.{md,csv,png}; the header records the device, date,
+commit, library versions and the exact command, and benchmarks/report.py judges the targets below the table.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from benchmarks.bench_packed_attention import (  # one reader for all benchmarks
     device_name,
     git_commit,
 )
+from benchmarks.report import write_tables
 from curation.sources.world.config import WorldConfig
 from vlm_core.config import DataConfig
 from vlm_core.data.dataset import SFTDataset
@@ -400,12 +401,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"MFU peak: {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: not on CPU (no meaningful peak)",
     ]
     stem = f"train_{model_name}_{device.type}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"{stem}.md"
-    lines = [f"# Training-step benchmark ({stem})", ""] + [f"- {line}" for line in header] + [""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |" for row in rows]
-    path.write_text("\n".join(lines) + "\n")
+    path, _ = write_tables("Training-step benchmark", rows, header, args.out_dir, stem, COLUMNS)
     print(path.read_text())
     return path
 

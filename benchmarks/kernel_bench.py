@@ -10,7 +10,6 @@ Timing and header helpers come from bench_packed_attention.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import sys
@@ -30,6 +29,7 @@ from benchmarks.bench_packed_attention import (
     peak_mib,
     versions,
 )
+from benchmarks.report import write_tables
 
 MODES = ("forward", "backward", "full")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -128,28 +128,6 @@ def header(device: torch.device, command: str, extra: list[str], warmup: int, re
         (f"times: medians ({'do_bench' if device.type == 'cuda' else f'{reps} reps after {warmup} warmup'}); "
          "x vs ours = ms / ms(ours); peak / eager = CUDA peak MiB / eager's in the same mode"),
     ]
-
-
-def write_tables(title: str, rows: list[dict], lines: list[str], out_dir: Path, stem: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns and c != "note"]
-    columns.append("note")
-    md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    text = [f"# {title} ({stem})", ""] + [f"- {line}" for line in lines] + [""]
-    text.append("| " + " | ".join(columns) + " |")
-    text.append("|" + "---|" * len(columns))
-    text += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    md_path.write_text("\n".join(text) + "\n")
-    with csv_path.open("w", newline="") as handle:
-        for line in lines:
-            handle.write(f"# {line}\n")
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([row.get(c, "") for c in columns])
-    return md_path, csv_path
 
 
 def add_common_arguments(parser) -> None:
