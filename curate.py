@@ -6,6 +6,10 @@
     python curate.py curate/stages=validate_only            # validation only (the "raw" mixture)
     python curate.py semantic.epsilon=0.05 output_dir=curated/eps05
     python train.py data=manifest data.path=curated/manifest.parquet
+
+Semantic dedup across jobs (one per shard of clusters; README "Semantic dedup across jobs"):
+    python curate.py -m semantic.shards=4 semantic.shard=0,1,2,3 output_dir=curated/big [hydra/launcher=...]
+    python curate.py semantic.shards=4 output_dir=curated/big      # merges the 4 shards, then the later stages
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ register_curate_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="curate")
 def main(cfg: DictConfig) -> None:
-    from curation.pipeline import run_curation  # after Hydra has set up logging
+    from curation.pipeline import ShardResult, run_curation  # after Hydra has set up logging
 
     result = run_curation(to_curate_config(cfg))
+    if isinstance(result, ShardResult):
+        print(f"semantic shard {result.shard} of {result.shards}: {result.pairs} pairs → {result.path}; "
+              f"run again without semantic.shard to merge the shards and finish the mixture")
+        return
     counts = result.report["counts"]
     print(
         f"curated {counts['ingested']} records: {counts['kept']} kept, {counts['quarantined']} quarantined, "

@@ -45,8 +45,9 @@ from benchmarks.provenance import git_commit
 from curation.config import SemanticConfig
 from curation.embed import l2_normalize
 from curation.stages.semantic import (
-    clustered_pairs,
+    cluster_items,
     default_clusters,
+    search_pairs,
     semantic_dedup,
     use_gpu,
 )
@@ -86,10 +87,10 @@ def brute_force_pairs(x: np.ndarray, threshold: float, block: int = 4096) -> set
     return pairs
 
 
-def search_pairs(x: np.ndarray, cfg: SemanticConfig, threshold: float, gpu: bool) -> set[tuple[int, int]]:
+def clustered_pairs(x: np.ndarray, cfg: SemanticConfig, threshold: float, gpu: bool) -> set[tuple[int, int]]:
     """The (earlier, later) pairs above ``threshold`` that semantic_dedup's clustered search finds."""
-    k = min(cfg.clusters or default_clusters(len(x)), len(x))
-    found, _, _ = clustered_pairs(x, k, cfg, threshold, gpu)
+    clusters = cluster_items(x, min(cfg.clusters or default_clusters(len(x)), len(x)), cfg, gpu)
+    found = search_pairs(x, clusters, range(clusters.k), threshold, gpu)
     return set(zip(found.earlier.tolist(), found.later.tolist()))
 
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     recall = {}
     for eps in args.epsilons:
         exact = brute_force_pairs(subset, 1.0 - eps)
-        found = search_pairs(subset, cfg, 1.0 - eps, gpu)
+        found = clustered_pairs(subset, cfg, 1.0 - eps, gpu)
         recall[eps] = (len(exact & found) / len(exact) if exact else 1.0, len(exact), len(found & exact))
 
     figures = {"n": args.n, "dim": args.dim, "clusters": k, "setup_s": setup_s, "dedup_s": dedup_s,

@@ -15,7 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ArrayStore"]
+__all__ = ["ArrayStore", "atomic_savez"]
+
+
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez`` to ``path`` through a name of this writer's own, then a rename: a reader never sees half a
+    file, and jobs writing the same path at once (the shards of one curation run) do not collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npz")
+    try:
+        np.savez(staging, **arrays)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
 
 
 class ArrayStore:
@@ -68,9 +81,5 @@ class ArrayStore:
             if len(values) != len(keys):
                 raise ValueError(f"array {name!r} has {len(values)} rows for {len(keys)} keys")
         chunk = {"keys": np.asarray(list(keys)), **{name: np.asarray(v) for name, v in arrays.items()}}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"chunk-{uuid.uuid4().hex}"
-        staging = self.directory / f".{name}.tmp.npz"
-        np.savez(staging, **chunk)
-        os.replace(staging, self.directory / f"{name}.npz")
+        atomic_savez(self.directory / f"chunk-{uuid.uuid4().hex}.npz", chunk)
         self._add_chunk(chunk)

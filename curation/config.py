@@ -154,6 +154,11 @@ class SemanticConfig:
     max_points_per_centroid: int = 256  # k-means trains on at most k * this many points (faiss subsamples)
     boundary_margin: float = 0.03  # also search an item in its 2nd cluster when that centroid is this close; 0 = never
     seed: int = 0
+    # Sharding by cluster (README "Semantic dedup across jobs"): the pair search splits into `shards` groups of
+    # clusters. A run with `shard=i` searches group i only, saves it and stops; a run with `shard` unset merges
+    # the saved groups (searching any missing one itself) and goes on. The result equals shards=1.
+    shards: int = 1
+    shard: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -167,6 +172,11 @@ class SemanticConfig:
             raise ValueError(f"semantic.boundary_margin={self.boundary_margin} must be >= 0")
         if self.niter < 1 or self.max_points_per_centroid < 1:
             raise ValueError("semantic.niter and semantic.max_points_per_centroid must be >= 1")
+        if self.shards < 1:
+            raise ValueError(f"semantic.shards={self.shards} must be >= 1")
+        if self.shard is not None and not (self.shards > 1 and 0 <= self.shard < self.shards):
+            raise ValueError(f"semantic.shard={self.shard} needs semantic.shards > 1 and 0 <= shard < shards "
+                             f"(shards={self.shards}); leave shard unset to merge the shards")
 
 
 @dataclass

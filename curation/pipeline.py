@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from curation.cache import atomic_savez
 from curation.config import CurateConfig
 from curation.embed import Embedder, joint
 from curation.ingest import IngestedSource, ingest
@@ -35,7 +35,8 @@ from curation.stages.exact import exact_dedup, text_hash
 from curation.stages.mixture import approximate_tokens, mixture_weights
 from curation.stages.near import minhashes, near_dedup
 from curation.stages.quality import alignment_scores, quality_filter, robust_z
-from curation.stages.semantic import semantic_dedup
+from curation.semantic_shards import load_or_cluster, merged_search, pairs_path, search_settings, search_shard
+from curation.stages.semantic import semantic_dedup, use_gpu
 from vlm_core.data.llava import write_quarantine
 from vlm_core.types import QuarantinedRecord
 
@@ -105,16 +106,13 @@ class StageCache:
                     removed = dict(zip(saved["removed_index"].tolist(), saved["removed_reason"].tolist()))
                     return StageResult(name, int(saved["n"]), removed, columns, json.loads(str(saved["summary"])))
         result = compute()
-        self.directory.mkdir(parents=True, exist_ok=True)
         arrays = {
             "key": np.array(key), "n": np.array(result.n), "summary": np.array(json.dumps(result.summary)),
             "removed_index": np.array(sorted(result.removed), dtype=np.int64),
             "removed_reason": np.array([result.removed[i] for i in sorted(result.removed)], dtype=str),
             **{f"column_{k}": np.asarray(v) for k, v in result.columns.items()},
         }
-        staging = self.directory / f".{name}.tmp.npz"
-        np.savez(staging, **arrays)
-        os.replace(staging, path)
+        atomic_savez(path, arrays)
         return result
 
 
@@ -137,8 +135,20 @@ def _world_tower(cfg: CurateConfig, sources: list[IngestedSource]) -> Path | Non
     return None
 
 
-def run_curation(cfg: CurateConfig) -> CurationResult:
-    """Run every stage of ``cfg`` and write the outputs into ``cfg.output_dir``."""
+@dataclass
+class ShardResult:
+    """What a run with ``semantic.shard`` set did: one shard of the semantic search, saved in ``path``."""
+
+    shard: int
+    shards: int
+    pairs: int
+    path: Path
+
+
+def run_curation(cfg: CurateConfig) -> CurationResult | ShardResult:
+    """Run every stage of ``cfg`` and write the outputs into ``cfg.output_dir``.
+
+    With ``semantic.shard`` set, stop after that shard of the semantic search (see curation/semantic_shards.py)."""
     output = Path(cfg.output_dir).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     digest = config_hash(cfg)
@@ -194,13 +204,38 @@ def run_curation(cfg: CurateConfig) -> CurationResult:
         image_embeddings = {int(i): image_matrix[k] for k, i in enumerate(rows)}
         text_embeddings = {int(i): text_matrix[k] for k, i in enumerate(rows)}
 
+    def semantic_input(rows: np.ndarray) -> np.ndarray:
+        images = np.stack([image_embeddings[int(i)] for i in rows])
+        words = np.stack([text_embeddings[int(i)] for i in rows])
+        x = {"joint": lambda: joint(images, words), "image": lambda: images, "text": lambda: words}[cfg.semantic.modality]()
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def search_key(rows: np.ndarray) -> str:  # what the clustering and every shard's pairs are computed from
+        return _digest(STAGE_FORMAT, "semantic-search", search_settings(cfg.semantic), embed_ids,
+                       [content[i] for i in rows])  # fmt: skip
+
     def semantic(rows: np.ndarray) -> StageResult:
-        images = np.stack([image_embeddings[int(i)] for i in rows]) if len(rows) else None
-        words = np.stack([text_embeddings[int(i)] for i in rows]) if len(rows) else None
         if len(rows) == 0:
             return StageResult("semantic", 0)
-        x = {"joint": lambda: joint(images, words), "image": lambda: images, "text": lambda: words}[cfg.semantic.modality]()
-        return semantic_dedup(x, [uids[i] for i in rows], cfg.semantic, show)
+        x = semantic_input(rows)
+        if cfg.semantic.shards == 1:
+            return semantic_dedup(x, [uids[i] for i in rows], cfg.semantic, show)
+        gpu, key = use_gpu(), search_key(rows)
+        clusters = load_or_cluster(cache.directory, key, x, cfg.semantic, gpu)
+        pairs = merged_search(cache.directory, key, x, clusters, cfg.semantic, gpu, show)
+        return semantic_dedup(x, [uids[i] for i in rows], cfg.semantic, show, gpu, clusters, pairs)
+
+    if cfg.semantic.shard is not None:  # one shard's job: search its clusters, save them, stop
+        if not cfg.semantic.enabled or len(alive) == 0:
+            raise ValueError(f"semantic.shard={cfg.semantic.shard}: the semantic stage is "
+                             f"{'off' if not cfg.semantic.enabled else 'empty'}; there is nothing to shard")  # fmt: skip
+        x, key, gpu = semantic_input(alive), search_key(alive), use_gpu()
+        clusters = load_or_cluster(cache.directory, key, x, cfg.semantic, gpu)
+        pairs = search_shard(cache.directory, key, x, clusters, cfg.semantic, cfg.semantic.shard, gpu, show)
+        path = pairs_path(cache.directory, cfg.semantic.shard, cfg.semantic.shards)
+        log.info("semantic shard %d of %d: %d pairs saved in %s; run without semantic.shard to merge the shards",
+                 cfg.semantic.shard, cfg.semantic.shards, pairs.later.size, path)
+        return ShardResult(cfg.semantic.shard, cfg.semantic.shards, int(pairs.later.size), path)
 
     step("semantic", cfg.semantic, semantic, embed_ids)
     semantic_result, semantic_inputs = stages[-1]

@@ -9,6 +9,9 @@
 3. For each epsilon, items are visited in input order and an item is removed when its similarity to an
    *earlier kept* item exceeds ``1 - epsilon``. All epsilons come from the one search.
 
+The search is independent per cluster: :func:`shard_plan` splits the clusters into groups of similar cost
+for separate jobs, and :func:`merge_pairs` joins their pairs (curation/semantic_shards.py does the files).
+
 "Earlier" is input order (sources in config order, records in file order), so the first copy is kept;
 SemDeDup's paper orders by distance to the centroid instead. Search and clustering run on the GPU when
 ``faiss.get_num_gpus() > 0`` (faiss-gpu) and on the CPU otherwise, through the same code: the CPU index is
@@ -138,8 +141,9 @@ def greedy_removals(pairs: Neighbours, threshold: float) -> dict[int, tuple[int,
     return removed
 
 
-def _unique_pairs(parts: list[Neighbours]) -> Neighbours:
-    """All pairs of ``parts`` once each (an item searched in two clusters meets some pairs twice), sorted."""
+def merge_pairs(parts: Sequence[Neighbours]) -> Neighbours:
+    """All pairs of ``parts`` once each (an item searched in two clusters meets some pairs twice, and so do
+    two shards of one search), sorted by (later, earlier)."""
     if not parts:
         empty = np.zeros(0, np.int64)
         return Neighbours(empty, empty, np.zeros(0, np.float32))
@@ -153,30 +157,70 @@ def _unique_pairs(parts: list[Neighbours]) -> Neighbours:
     return Neighbours(later[first], earlier[first], similarity[first])
 
 
-def clustered_pairs(
-    x: np.ndarray, k: int, cfg: SemanticConfig, threshold: float, gpu: bool, show_progress: bool = False
-) -> tuple[Neighbours, np.ndarray, np.ndarray]:
-    """The SemDeDup search: spherical k-means into ``k`` clusters, then every pair above ``threshold`` within each.
+@dataclass
+class Clusters:
+    """The k-means side of SemDeDup: each item's nearest centroid, its second-nearest, and whether it is
+    searched in that second cluster too (a guest). Computed once; the pair search can then be split
+    by cluster across jobs (:func:`shard_plan`)."""
 
-    An item whose second-nearest centroid is within ``cfg.boundary_margin`` (inner product) of its nearest
-    is searched in both clusters. Returns the unique pairs, each item's nearest centroid ([N] int64) and
-    whether it was searched in two clusters ([N] bool).
-    """
+    k: int
+    assignment: np.ndarray  # [N] int64, nearest centroid
+    second: np.ndarray  # [N] int64, second-nearest centroid (the nearest where k == 1)
+    guests: np.ndarray  # [N] bool, also searched in ``second``
+
+    def members(self, cluster: int) -> np.ndarray:
+        """Global indices (ascending) searched in ``cluster``: its own items and its guests."""
+        return np.flatnonzero((self.assignment == cluster) | (self.guests & (self.second == cluster)))
+
+    def searched_sizes(self) -> np.ndarray:
+        """[k] items searched in each cluster (guests included)."""
+        return (np.bincount(self.assignment, minlength=self.k)
+                + np.bincount(self.second[self.guests], minlength=self.k))  # fmt: skip
+
+
+def cluster_items(x: np.ndarray, k: int, cfg: SemanticConfig, gpu: bool) -> Clusters:
+    """Spherical k-means of unit vectors ``x`` into ``k`` clusters, with the boundary guests (see the module)."""
     _, nearest, similarity = spherical_kmeans(x, k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, gpu, nearest=2)
-    assignment = nearest[:, 0]
     guests = np.zeros(len(x), dtype=bool)
     if nearest.shape[1] > 1:
         guests = similarity[:, 1] >= similarity[:, 0] - cfg.boundary_margin
+    return Clusters(min(k, len(x)), nearest[:, 0], nearest[:, -1], guests)
+
+
+def shard_plan(clusters: Clusters, shards: int) -> list[np.ndarray]:
+    """Split the clusters into ``shards`` groups of similar search cost (the sum of squared searched sizes),
+    largest first onto the cheapest group; deterministic. Every cluster is in exactly one group."""
+    if shards < 1:
+        raise ValueError(f"shard_plan: shards={shards} must be >= 1")
+    sizes = clusters.searched_sizes().astype(np.float64)
+    cost = np.zeros(shards)
+    groups: list[list[int]] = [[] for _ in range(shards)]
+    for cluster in np.argsort(-(sizes**2), kind="stable"):
+        target = int(np.argmin(cost))
+        groups[target].append(int(cluster))
+        cost[target] += sizes[cluster] ** 2
+    return [np.sort(np.asarray(g, dtype=np.int64)) for g in groups]
+
+
+def search_pairs(x: np.ndarray, clusters: Clusters, which: Sequence[int] | np.ndarray, threshold: float, gpu: bool,
+                 show_progress: bool = False) -> Neighbours:  # fmt: skip
+    """Every pair above ``threshold`` within each cluster of ``which``, each pair once, sorted by (later, earlier)."""
     parts = []
-    for cluster in tqdm(range(k), desc="semantic: clusters", unit="cluster", disable=not show_progress, leave=False):
-        members = np.flatnonzero((assignment == cluster) | (guests & (nearest[:, -1] == cluster)))  # ascending
+    for cluster in tqdm(which, desc="semantic: clusters", unit="cluster", disable=not show_progress, leave=False):
+        members = clusters.members(int(cluster))
         if members.size > 1:
             parts.append(cluster_neighbours(x, members, threshold, gpu))
-    return _unique_pairs(parts), assignment, guests
+    return merge_pairs(parts)
+
+
+def search_threshold(cfg: SemanticConfig) -> float:
+    """The one search's similarity threshold: that of the largest epsilon, so every epsilon is counted."""
+    return 1.0 - max(cfg.epsilon, *cfg.epsilons)
 
 
 def semantic_dedup(
-    x: np.ndarray, uids: Sequence[str], cfg: SemanticConfig, show_progress: bool = False, gpu: bool | None = None
+    x: np.ndarray, uids: Sequence[str], cfg: SemanticConfig, show_progress: bool = False, gpu: bool | None = None,
+    clusters: Clusters | None = None, pairs: Neighbours | None = None,
 ) -> StageResult:
     """SemDeDup over unit embeddings ``x`` ([N, D] float32), applying ``cfg.epsilon``; counts for ``cfg.epsilons``.
 
@@ -184,6 +228,9 @@ def semantic_dedup(
     is searched in both clusters, so a duplicate pair split by a cluster boundary is still found.
     Columns: ``cluster`` (nearest k-means centroid of each input), ``max_similarity`` (to any earlier item
     searched with it; 0 if none), ``semantic_of`` (index of the kept item a removed one duplicates, else -1).
+    ``clusters`` and ``pairs`` take a clustering and a search done elsewhere (the sharded run of
+    curation/pipeline.py: :func:`cluster_items` once, :func:`search_pairs` per shard, :func:`merge_pairs`);
+    by default both are computed here.
     """
     n = len(uids)
     if x.shape[0] != n:
@@ -192,9 +239,14 @@ def semantic_dedup(
         return StageResult("semantic", 0, summary={"clusters": 0})
     x = np.ascontiguousarray(x, dtype=np.float32)
     gpu = use_gpu() if gpu is None else gpu
-    k = min(cfg.clusters or default_clusters(n), n)
+    if clusters is None:
+        clusters = cluster_items(x, min(cfg.clusters or default_clusters(n), n), cfg, gpu)
+    if len(clusters.assignment) != n:
+        raise ValueError(f"semantic_dedup: a clustering of {len(clusters.assignment)} items for {n} items")
+    if pairs is None:
+        pairs = search_pairs(x, clusters, range(clusters.k), search_threshold(cfg), gpu, show_progress)
+    k, assignment, guests = clusters.k, clusters.assignment, clusters.guests
     epsilons = sorted({*cfg.epsilons, cfg.epsilon})
-    pairs, assignment, guests = clustered_pairs(x, k, cfg, 1.0 - max(epsilons), gpu, show_progress)
     max_similarity = np.zeros(n, dtype=np.float32)
     np.maximum.at(max_similarity, pairs.later, pairs.similarity)
     removed_per_eps = {eps: greedy_removals(pairs, 1.0 - eps) for eps in epsilons}

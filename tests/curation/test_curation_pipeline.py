@@ -10,7 +10,7 @@ import pytest
 
 from curation import pipeline
 from curation.config import CurateConfig, DirtyConfig, SourceConfig
-from curation.pipeline import AccountingError, check_accounting, run_curation
+from curation.pipeline import AccountingError, ShardResult, check_accounting, run_curation
 from curation.sources.world.config import WORDS, WorldConfig
 from curation.sources.world.dirty_writer import load_truth
 from curation.truth import score_truth
@@ -133,3 +133,47 @@ def test_changed_config_recomputes_only_from_the_changed_stage(curated) -> None:
     assert all(after[name] == before[name] for name in ("exact.npz", "near.npz", "semantic.npz", "quality.npz"))
     assert after["balance.npz"] != before["balance.npz"]
     assert result.report["counts"]["removed_by_stage"]["balance"] <= reference.report["counts"]["removed_by_stage"]["balance"]
+
+
+def test_semantic_dedup_split_across_shard_jobs_equals_one_run(curated, caplog: pytest.LogCaptureFixture) -> None:
+    _, _, tmp_path = curated
+    one = _config(tmp_path, output="unsharded")
+    one.semantic.epsilon, one.semantic.epsilons = 0.3, [0.1]  # loose: the small world has pairs to remove
+    reference = run_curation(one)
+    cfg = _config(tmp_path, output="sharded")
+    cfg.semantic.epsilon, cfg.semantic.epsilons, cfg.semantic.shards = 0.3, [0.1], 3
+    stages = Path(cfg.output_dir) / "stages"
+    for shard in (0, 2):  # shard 1's job never ran
+        cfg.semantic.shard = shard
+        done = run_curation(cfg)
+        assert isinstance(done, ShardResult) and done.path == stages / f"semantic-pairs-{shard}-of-3.npz"
+        assert not (Path(cfg.output_dir) / "manifest.parquet").exists()  # a shard job stops after its search
+    clustering = (stages / "semantic-clusters.npz").stat().st_mtime_ns  # clustered once, by the first job
+    cfg.semantic.shard = None
+    with caplog.at_level("WARNING", logger="curation.semantic_shards"):
+        result = run_curation(cfg)
+    assert "shard(s) [1] of 3" in caplog.text  # the merging run searched the missing shard itself, and said so
+    assert (stages / "semantic-clusters.npz").stat().st_mtime_ns == clustering
+    assert (stages / "semantic-pairs-1-of-3.npz").is_file()
+    assert result.report["counts"] == reference.report["counts"]
+    assert np.array_equal(result.kept, reference.kept)
+    semantic = next(r for r, _ in result.stages if r.stage == "semantic")
+    expected = next(r for r, _ in reference.stages if r.stage == "semantic")
+    assert semantic.removed == expected.removed and semantic.summary == expected.summary
+    assert len(semantic.removed) > 0  # the searches found pairs, the same ones, and removed the same items
+    assert np.array_equal(semantic.columns["max_similarity"], expected.columns["max_similarity"])
+
+
+def test_a_stale_shard_file_is_searched_again(curated) -> None:
+    _, reference, tmp_path = curated
+    cfg = _config(tmp_path, output="stale")
+    cfg.semantic.shards = 2
+    stages = Path(cfg.output_dir) / "stages"
+    stages.mkdir(parents=True)
+    fake = {"key": np.array("another run"), "later": np.array([5]), "earlier": np.array([1]),
+            "similarity": np.array([1.0], np.float32)}  # fmt: skip
+    np.savez(stages / "semantic-pairs-0-of-2.npz", **fake)
+    result = run_curation(cfg)
+    assert result.report["counts"] == reference.report["counts"]
+    with np.load(stages / "semantic-pairs-0-of-2.npz") as saved:
+        assert str(saved["key"]) != "another run"

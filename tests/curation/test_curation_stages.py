@@ -23,7 +23,17 @@ from curation.stages.exact import exact_dedup, normalize_text
 from curation.stages.mixture import mixture_weights
 from curation.stages.near import minhashes, near_dedup
 from curation.stages.quality import alignment_scores, quality_filter, robust_z
-from curation.stages.semantic import Neighbours, greedy_removals, semantic_dedup
+from curation.stages.semantic import (
+    Clusters,
+    Neighbours,
+    cluster_items,
+    greedy_removals,
+    merge_pairs,
+    search_pairs,
+    search_threshold,
+    semantic_dedup,
+    shard_plan,
+)
 
 
 def _encode(pixels: np.ndarray, fmt: str = "PNG", **options) -> bytes:
@@ -194,3 +204,40 @@ def test_mixture_weights_scale_to_a_budget() -> None:
     assert budget.columns["weight"][-1] / budget.columns["weight"][0] == pytest.approx(2.0)
     tokens_budget = mixture_weights(sources, tokens, MixtureStageConfig(budget_tokens=3000))
     assert tokens_budget.columns["weight"][0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("shards", [2, 3, 7])
+def test_semantic_search_split_by_cluster_finds_the_same_pairs(rng: np.random.Generator, shards: int) -> None:
+    x = _planted_embeddings(rng)
+    cfg = SemanticConfig(epsilon=0.01, epsilons=[0.05], clusters=12, boundary_margin=0.1)
+    clusters = cluster_items(x, 12, cfg, gpu=False)  # two clusters a topic: many items on a boundary
+    assert clusters.guests.sum() > 20  # items searched in two clusters, so shards overlap in items
+    whole = search_pairs(x, clusters, range(clusters.k), search_threshold(cfg), gpu=False)
+    plan = shard_plan(clusters, shards)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(clusters.k))  # every cluster in exactly one shard
+    parts = [search_pairs(x, clusters, which, search_threshold(cfg), gpu=False) for which in plan]
+    merged = merge_pairs(parts)
+    assert len(set(zip(merged.later.tolist(), merged.earlier.tolist()))) == merged.later.size  # each pair once
+    for name in ("later", "earlier", "similarity"):
+        assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
+    uids = [str(i) for i in range(len(x))]
+    assert semantic_dedup(x, uids, cfg, gpu=False, clusters=clusters, pairs=merged).removed == \
+        semantic_dedup(x, uids, cfg, gpu=False).removed
+
+
+def test_shard_plan_balances_search_cost() -> None:
+    sizes = np.array([100, 90, 10, 10, 10, 10, 5, 5])
+    assignment = np.repeat(np.arange(len(sizes)), sizes)
+    clusters = Clusters(len(sizes), assignment, assignment, np.zeros(len(assignment), bool))
+    plan = shard_plan(clusters, 2)
+    assert [g.tolist() for g in plan] == [[0], [1, 2, 3, 4, 5, 6, 7]]  # 100² against 90² + 4 x 10² + 2 x 5²
+    assert [g.size for g in shard_plan(clusters, 20)].count(0) == 12  # more shards than clusters: some are empty
+    with pytest.raises(ValueError, match="shards=0"):
+        shard_plan(clusters, 0)
+
+
+@pytest.mark.parametrize(("shards", "shard", "message"), [(0, None, "shards=0"), (1, 0, "needs semantic.shards > 1"),
+                                                          (3, 3, "0 <= shard < shards"), (3, -1, "0 <= shard")])
+def test_semantic_shard_settings_are_checked(shards, shard, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SemanticConfig(shards=shards, shard=shard)
