@@ -243,11 +243,9 @@ class Loop:
         generated = self.generate_external(k, folder, shares, scores, attempt=0)
         if "self_augment" in cfg.generators and cfg.strategy != "none":
             answer = _model_answerer(Path(previous["run_dir"]), cfg.self_augment)
-            start = (k - 1) * cfg.self_augment.images
-            captions = [s for s in self.pool if s.skill == "caption"]
-            pool = captions[start:] + captions[:start]  # a new slice of the pool each round
+            # Round k's window of the pool's caption images is chosen by caption_window (the next ones each round).
             generated["self_augment"] = SelfAugment(cfg.self_augment, answer).generate(
-                pool, self.scene_of, f"r{k}_self_augment", k)
+                self.pool, self.scene_of, f"r{k}_self_augment", k)
         seen = self.seen(k)
         reference = self.near_reference(k) if ccfg.near.enabled else None
         before = len(reference) if reference is not None else 0

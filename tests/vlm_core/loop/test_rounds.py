@@ -126,3 +126,26 @@ def test_curation_refills_what_it_removed(make_cfg, monkeypatch) -> None:
     assert (out / "round-2" / "near-features.npz").is_file()
     report = (out / "report.md").read_text()
     assert f"| 2 | r2_teacher {cfg.sampler.budget} | duplicate of pool or earlier sample: " in report
+
+
+def test_self_augment_walks_the_pool_captions_one_window_a_round(make_cfg, monkeypatch) -> None:
+    """Round k recaptions the pool's caption images (k-1)n .. kn-1: each round the next n, none skipped."""
+    import vlm_core.loop.rounds as rounds
+
+    asked: list[list[str]] = []
+
+    def answerer(run_dir, cfg):
+        def answer(samples):  # the pool's own captions: verified, and asked about exactly these images
+            asked.append([s.id for s in samples])
+            return [s.turns[-1].text for s in samples]
+
+        return answer
+
+    monkeypatch.setattr(rounds, "_model_answerer", answerer)
+    cfg = make_cfg(rounds=3, generators=["teacher", "self_augment"])
+    cfg.self_augment.images = 2
+    run_loop(cfg, lambda job: run_job(job, show_progress=False))
+    pool = pq.read_table(Path(cfg.output_dir) / "pool.parquet").to_pylist()
+    captions = [row["id"] for row in pool if row["skill"] == "caption"]
+    assert len(captions) >= 6
+    assert asked == [captions[0:2], captions[2:4], captions[4:6]]
