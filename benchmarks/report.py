@@ -185,12 +185,15 @@ def judge(header: dict[str, str], rows: list[dict[str, str]], targets: Sequence[
                 values.append(value)
                 figures.append(f"{name}: {row[target.column]}".strip(": "))
         measured = "; ".join(figures)
-        if len(values) < len(matched):
+        on_device = any(d in device for d in target.devices)
+        if on_device and not all(target.holds(v) for v in values):
+            verdict = "missed"  # a row that fails decides it, whatever the rows without a figure would show
+        elif len(values) < len(matched):
             verdict = "not measured"
-        elif not any(d in device for d in target.devices):
+        elif not on_device:
             verdict = f"not judged ({'/'.join(target.devices)} only)"
         else:
-            verdict = "met" if all(target.holds(v) for v in values) else "missed"
+            verdict = "met"
         verdicts.append(Verdict(target, verdict, measured))
     return verdicts
 

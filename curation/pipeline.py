@@ -30,12 +30,12 @@ from curation.config import CurateConfig
 from curation.embed import Embedder, joint
 from curation.ingest import IngestedSource, ingest
 from curation.records import THUMB, Item, StageResult, skipped
+from curation.semantic_shards import load_or_cluster, merged_search, pairs_path, search_settings, search_shard
 from curation.stages.balance import balance, concept_tags
 from curation.stages.exact import exact_dedup, text_hash
 from curation.stages.mixture import approximate_tokens, mixture_weights
 from curation.stages.near import minhashes, near_dedup
 from curation.stages.quality import alignment_scores, quality_filter, robust_z
-from curation.semantic_shards import load_or_cluster, merged_search, pairs_path, search_settings, search_shard
 from curation.stages.semantic import semantic_dedup, use_gpu
 from vlm_core.data.llava import write_quarantine
 from vlm_core.types import QuarantinedRecord
