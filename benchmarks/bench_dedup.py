@@ -20,6 +20,7 @@ some of them chained (a copy of a copy).
     python benchmarks/bench_dedup.py                              # 1M x 384, recall on 50k (minutes on 2 cores)
     python benchmarks/bench_dedup.py --n 100000 --recall-n 20000  # smaller
     python benchmarks/bench_dedup.py --smoke                      # seconds; what tests/benchmarks runs
+    python benchmarks/bench_dedup.py --shards 8                   # also the search split as semantic.shards=8 splits it
 
 Results go to benchmarks/results/bench_dedup_<device>.md with the device, date, commit, versions and command.
 """
@@ -47,8 +48,11 @@ from curation.embed import l2_normalize
 from curation.stages.semantic import (
     cluster_items,
     default_clusters,
+    merge_pairs,
     search_pairs,
+    search_threshold,
     semantic_dedup,
+    shard_plan,
     use_gpu,
 )
 
@@ -94,6 +98,30 @@ def clustered_pairs(x: np.ndarray, cfg: SemanticConfig, threshold: float, gpu: b
     return set(zip(found.earlier.tolist(), found.later.tolist()))
 
 
+def sharded_run(x: np.ndarray, cfg: SemanticConfig, shards: int, gpu: bool, reference: dict) -> dict:
+    """The search split into ``shards`` (as ``semantic.shards`` runs it, here one shard after another):
+    seconds to cluster, per shard and to merge + decide; the merged pairs against one search over the same
+    clusters, and the removals against ``reference`` (the unsharded run's, which clustered separately)."""
+    uids = [str(i) for i in range(len(x))]
+    started = time.perf_counter()
+    clusters = cluster_items(x, min(cfg.clusters or default_clusters(len(x)), len(x)), cfg, gpu)
+    cluster_s = time.perf_counter() - started
+    parts, seconds = [], []
+    for which in shard_plan(clusters, shards):
+        started = time.perf_counter()
+        parts.append(search_pairs(x, clusters, which, search_threshold(cfg), gpu))
+        seconds.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    merged = merge_pairs(parts)
+    result = semantic_dedup(x, uids, cfg, gpu=gpu, clusters=clusters, pairs=merged)
+    decide_s = time.perf_counter() - started
+    whole = search_pairs(x, clusters, range(clusters.k), search_threshold(cfg), gpu)
+    same_pairs = all(np.array_equal(getattr(merged, f), getattr(whole, f)) for f in ("later", "earlier", "similarity"))
+    return {"shards": shards, "cluster_s": cluster_s, "shard_s": seconds, "decide_s": decide_s,
+            "pairs": int(merged.later.size), "same_pairs": same_pairs,
+            "same_removals": result.removed == reference}  # fmt: skip
+
+
 def versions() -> str:
     names = ("numpy", "faiss-cpu", "faiss-gpu-cu12", "torch")
     found = []
@@ -129,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for the test suite")
     parser.add_argument("--out", type=Path, default=None, help="results markdown (default benchmarks/results/...)")
     parser.add_argument("--note", default="", help="a line added to the results (e.g. other load on the machine)")
+    parser.add_argument("--shards", type=int, default=0, help="also run the search split into this many shards")
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.recall_n, args.topics = 4000, 2000, 50
@@ -176,6 +205,20 @@ def main(argv: list[str] | None = None) -> dict:
         "| epsilon | pairs (brute force) | found by the clustered search | recall |", "|---:|---:|---:|---:|",
     ]
     lines += [f"| {eps:g} | {total:,} | {hit:,} | {rate:.4f} |" for eps, (rate, total, hit) in recall.items()]
+    if args.shards:
+        shard = sharded_run(x, cfg, args.shards, gpu, result.removed)
+        figures["sharded"] = shard
+        times = shard["shard_s"]
+        lines += [
+            "", f"The search split into {args.shards} shards of clusters (`semantic.shards`; here one after another "
+            "in one process), on all n:", "",
+            "| cluster once (s) | search per shard, min / median / max (s) | max / mean | merge + decide (s) | "
+            "pairs | merged = one search over the same clusters | removals = the unsharded run's |",
+            "|---:|---|---:|---:|---:|---|---|",
+            (f"| {shard['cluster_s']:.1f} | {min(times):.1f} / {float(np.median(times)):.1f} / {max(times):.1f} | "
+             f"{max(times) / (sum(times) / len(times)):.2f} | {shard['decide_s']:.1f} | {shard['pairs']:,} | "
+             f"{'yes' if shard['same_pairs'] else 'NO'} | {'yes' if shard['same_removals'] else 'no'} |"),
+        ]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.smoke or args.out:
