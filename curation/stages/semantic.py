@@ -150,7 +150,9 @@ def merge_pairs(parts: Sequence[Neighbours]) -> Neighbours:
     later = np.concatenate([p.later for p in parts])
     earlier = np.concatenate([p.earlier for p in parts])
     similarity = np.concatenate([p.similarity for p in parts])
-    order = np.lexsort((earlier, later))
+    # A pair met twice (in two clusters) may carry two similarities that differ in the last bits (another
+    # batch, another summation order): keep the larger, so the result does not depend on the parts' order.
+    order = np.lexsort((-similarity, earlier, later))
     later, earlier, similarity = later[order], earlier[order], similarity[order]
     first = np.ones(later.size, dtype=bool)
     first[1:] = (later[1:] != later[:-1]) | (earlier[1:] != earlier[:-1])

@@ -241,3 +241,14 @@ def test_shard_plan_balances_search_cost() -> None:
 def test_semantic_shard_settings_are_checked(shards, shard, message) -> None:
     with pytest.raises(ValueError, match=message):
         SemanticConfig(shards=shards, shard=shard)
+
+
+def test_merged_pairs_do_not_depend_on_the_order_of_the_parts() -> None:
+    """A pair met in two clusters can carry similarities that differ in the last bits; the merge keeps the larger."""
+    a = Neighbours(np.array([3, 5]), np.array([1, 2]), np.array([0.95, 0.99], np.float32))
+    b = Neighbours(np.array([5, 7]), np.array([2, 4]), np.array([np.nextafter(np.float32(0.99), np.float32(1)), 0.9],
+                                                                np.float32))  # fmt: skip
+    ab, ba = merge_pairs([a, b]), merge_pairs([b, a])
+    for name in ("later", "earlier", "similarity"):
+        assert np.array_equal(getattr(ab, name), getattr(ba, name)), name
+    assert ab.later.tolist() == [3, 5, 7] and ab.similarity[1] == b.similarity[0]
