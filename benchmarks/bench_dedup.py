@@ -47,7 +47,6 @@ from curation.config import SemanticConfig
 from curation.embed import l2_normalize
 from curation.stages.semantic import (
     cluster_items,
-    default_clusters,
     merge_pairs,
     search_pairs,
     search_threshold,
@@ -93,7 +92,7 @@ def brute_force_pairs(x: np.ndarray, threshold: float, block: int = 4096) -> set
 
 def clustered_pairs(x: np.ndarray, cfg: SemanticConfig, threshold: float, gpu: bool) -> set[tuple[int, int]]:
     """The (earlier, later) pairs above ``threshold`` that semantic_dedup's clustered search finds."""
-    clusters = cluster_items(x, min(cfg.clusters or default_clusters(len(x)), len(x)), cfg, gpu)
+    clusters = cluster_items(x, cfg, gpu)
     found = search_pairs(x, clusters, range(clusters.k), threshold, gpu)
     return set(zip(found.earlier.tolist(), found.later.tolist()))
 
@@ -104,7 +103,7 @@ def sharded_run(x: np.ndarray, cfg: SemanticConfig, shards: int, gpu: bool, refe
     clusters, and the removals against ``reference`` (the unsharded run's, which clustered separately)."""
     uids = [str(i) for i in range(len(x))]
     started = time.perf_counter()
-    clusters = cluster_items(x, min(cfg.clusters or default_clusters(len(x)), len(x)), cfg, gpu)
+    clusters = cluster_items(x, cfg, gpu)
     cluster_s = time.perf_counter() - started
     parts, seconds = [], []
     for which in shard_plan(clusters, shards):

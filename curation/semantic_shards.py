@@ -32,7 +32,6 @@ from curation.stages.semantic import (
     Clusters,
     Neighbours,
     cluster_items,
-    default_clusters,
     merge_pairs,
     search_pairs,
     search_threshold,
@@ -83,9 +82,8 @@ def load_or_cluster(directory: Path, key: str, x: np.ndarray, cfg: SemanticConfi
         if saved is not None:
             log.info("semantic: reusing the clustering in %s", directory / CLUSTERS)
             return Clusters(int(saved["k"]), saved["assignment"], saved["second"], saved["guests"])
-        k = min(cfg.clusters or default_clusters(len(x)), len(x))
-        log.info("semantic: clustering %d items into %d clusters (once, for every shard)", len(x), k)
-        clusters = cluster_items(x, k, cfg, gpu)
+        clusters = cluster_items(x, cfg, gpu)
+        log.info("semantic: clustered %d items into %d clusters (once, for every shard)", len(x), clusters.k)
         atomic_savez(directory / CLUSTERS, {"key": np.array(key), "k": np.array(clusters.k),
                                            "assignment": clusters.assignment, "second": clusters.second,
                                            "guests": clusters.guests})  # fmt: skip

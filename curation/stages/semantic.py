@@ -180,8 +180,10 @@ class Clusters:
                 + np.bincount(self.second[self.guests], minlength=self.k))  # fmt: skip
 
 
-def cluster_items(x: np.ndarray, k: int, cfg: SemanticConfig, gpu: bool) -> Clusters:
-    """Spherical k-means of unit vectors ``x`` into ``k`` clusters, with the boundary guests (see the module)."""
+def cluster_items(x: np.ndarray, cfg: SemanticConfig, gpu: bool) -> Clusters:
+    """Spherical k-means of unit vectors ``x`` into ``cfg.clusters`` clusters (default :func:`default_clusters`,
+    at most one per item), with the boundary guests (see the module)."""
+    k = min(cfg.clusters or default_clusters(len(x)), len(x))
     _, nearest, similarity = spherical_kmeans(x, k, cfg.niter, cfg.seed, cfg.max_points_per_centroid, gpu, nearest=2)
     guests = np.zeros(len(x), dtype=bool)
     if nearest.shape[1] > 1:
@@ -242,7 +244,7 @@ def semantic_dedup(
     x = np.ascontiguousarray(x, dtype=np.float32)
     gpu = use_gpu() if gpu is None else gpu
     if clusters is None:
-        clusters = cluster_items(x, min(cfg.clusters or default_clusters(n), n), cfg, gpu)
+        clusters = cluster_items(x, cfg, gpu)
     if len(clusters.assignment) != n:
         raise ValueError(f"semantic_dedup: a clustering of {len(clusters.assignment)} items for {n} items")
     if pairs is None:

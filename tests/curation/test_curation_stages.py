@@ -210,7 +210,7 @@ def test_mixture_weights_scale_to_a_budget() -> None:
 def test_semantic_search_split_by_cluster_finds_the_same_pairs(rng: np.random.Generator, shards: int) -> None:
     x = _planted_embeddings(rng)
     cfg = SemanticConfig(epsilon=0.01, epsilons=[0.05], clusters=12, boundary_margin=0.1)
-    clusters = cluster_items(x, 12, cfg, gpu=False)  # two clusters a topic: many items on a boundary
+    clusters = cluster_items(x, cfg, gpu=False)  # two clusters a topic: many items on a boundary
     assert clusters.guests.sum() > 20  # items searched in two clusters, so shards overlap in items
     whole = search_pairs(x, clusters, range(clusters.k), search_threshold(cfg), gpu=False)
     plan = shard_plan(clusters, shards)
