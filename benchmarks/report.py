@@ -7,7 +7,8 @@ targets with the rows it reads, the figures measured and a verdict, and draws ``
 throughput per provider, one panel per mode (peak memory as well where it was measured).
 
 A verdict is one of
-    met / missed      every row the target names was measured on a device the target names
+    met               every row the target names was measured, on a device the target names, within the bound
+    missed            a row measured on such a device is outside the bound (whatever the other rows show)
     not judged        the rows were measured, but on another device (a CPU smoke run, an A100, ...)
     not measured      no row at the target's shape, or the provider was skipped or failed (the note says why)
 so a smoke run never reports a GPU target as met, and a run cut short says which rows it lacks.
@@ -253,14 +254,15 @@ def plot(header: dict[str, str], rows: list[dict[str, str]], png_path: Path, tit
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.2 * len(panels)), squeeze=False, layout="constrained")
     bar = 0.8 / len(providers)
     colors = plt.get_cmap("tab10").colors
+    cell: dict[tuple[str, str, str], dict[str, str]] = {}  # (configuration, mode, provider) -> its first row
+    for r in rows:
+        cell.setdefault((config(r), r.get("mode", ""), r.get("provider", "")), r)
     for (metric, mode), (ax,) in zip(panels, axes):
         values = []
         for p, provider in enumerate(providers):
             xs, ys = [], []
             for x, name in enumerate(configs):
-                row = next((r for r in rows if config(r) == name and r.get("mode", "") == mode
-                            and r.get("provider", "") == provider), None)  # fmt: skip
-                value = number(row.get(metric, "")) if row else None
+                value = number(cell.get((name, mode, provider), {}).get(metric, ""))
                 if value:
                     xs.append(x + (p - (len(providers) - 1) / 2) * bar)
                     ys.append(value)
@@ -283,10 +285,6 @@ def plot(header: dict[str, str], rows: list[dict[str, str]], png_path: Path, tit
 
 
 # ------------------------------------------------------------------------------------------ both
-
-
-def read_and_judge(csv_path: Path) -> list[Verdict]:
-    return judge(*read_table(csv_path))
 
 
 def summarize(md_path: Path, csv_path: Path) -> list[Verdict]:

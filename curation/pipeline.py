@@ -30,13 +30,13 @@ from curation.config import CurateConfig
 from curation.embed import Embedder, joint
 from curation.ingest import IngestedSource, ingest
 from curation.records import THUMB, Item, StageResult, skipped
-from curation.semantic_shards import load_or_cluster, merged_search, pairs_path, search_settings, search_shard
+from curation.semantic_shards import load_or_cluster, merged_search, pairs_path, search_settings, search_shards
 from curation.stages.balance import balance, concept_tags
 from curation.stages.exact import exact_dedup, text_hash
 from curation.stages.mixture import approximate_tokens, mixture_weights
 from curation.stages.near import minhashes, near_dedup
 from curation.stages.quality import alignment_scores, quality_filter, robust_z
-from curation.stages.semantic import semantic_dedup, use_gpu
+from curation.stages.semantic import Clusters, semantic_dedup, use_gpu
 from vlm_core.data.llava import write_quarantine
 from vlm_core.types import QuarantinedRecord
 
@@ -214,14 +214,17 @@ def run_curation(cfg: CurateConfig) -> CurationResult | ShardResult:
         return _digest(STAGE_FORMAT, "semantic-search", search_settings(cfg.semantic), embed_ids,
                        [content[i] for i in rows])  # fmt: skip
 
+    def sharded(rows: np.ndarray) -> tuple[np.ndarray, bool, str, Clusters]:
+        """(x, gpu, search key, clustering) of a sharded run: the clustering done once for every shard."""
+        x, gpu, key = semantic_input(rows), use_gpu(), search_key(rows)
+        return x, gpu, key, load_or_cluster(cache.directory, key, x, cfg.semantic, gpu)
+
     def semantic(rows: np.ndarray) -> StageResult:
         if len(rows) == 0:
             return StageResult("semantic", 0)
-        x = semantic_input(rows)
         if cfg.semantic.shards == 1:
-            return semantic_dedup(x, [uids[i] for i in rows], cfg.semantic, show)
-        gpu, key = use_gpu(), search_key(rows)
-        clusters = load_or_cluster(cache.directory, key, x, cfg.semantic, gpu)
+            return semantic_dedup(semantic_input(rows), [uids[i] for i in rows], cfg.semantic, show)
+        x, gpu, key, clusters = sharded(rows)
         pairs = merged_search(cache.directory, key, x, clusters, cfg.semantic, gpu, show)
         return semantic_dedup(x, [uids[i] for i in rows], cfg.semantic, show, gpu, clusters, pairs)
 
@@ -229,9 +232,8 @@ def run_curation(cfg: CurateConfig) -> CurationResult | ShardResult:
         if not cfg.semantic.enabled or len(alive) == 0:
             raise ValueError(f"semantic.shard={cfg.semantic.shard}: the semantic stage is "
                              f"{'off' if not cfg.semantic.enabled else 'empty'}; there is nothing to shard")  # fmt: skip
-        x, key, gpu = semantic_input(alive), search_key(alive), use_gpu()
-        clusters = load_or_cluster(cache.directory, key, x, cfg.semantic, gpu)
-        pairs = search_shard(cache.directory, key, x, clusters, cfg.semantic, cfg.semantic.shard, gpu, show)
+        x, gpu, key, clusters = sharded(alive)
+        [pairs] = search_shards(cache.directory, key, x, clusters, cfg.semantic, [cfg.semantic.shard], gpu, show)
         path = pairs_path(cache.directory, cfg.semantic.shard, cfg.semantic.shards)
         log.info("semantic shard %d of %d: %d pairs saved in %s; run without semantic.shard to merge the shards",
                  cfg.semantic.shard, cfg.semantic.shards, pairs.later.size, path)

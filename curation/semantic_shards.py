@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -90,28 +91,30 @@ def load_or_cluster(directory: Path, key: str, x: np.ndarray, cfg: SemanticConfi
         return clusters
 
 
-def search_shard(directory: Path, key: str, x: np.ndarray, clusters: Clusters, cfg: SemanticConfig, shard: int,
-                 gpu: bool, show_progress: bool = False) -> Neighbours:  # fmt: skip
-    """Shard ``shard`` of ``cfg.shards``: its pairs, from its saved file or searched and saved now."""
-    path = pairs_path(directory, shard, cfg.shards)
-    shard_key = f"{key}/{clusters_digest(clusters)}/{shard}-of-{cfg.shards}"
-    saved = _saved(path, shard_key)
-    if saved is not None:
-        return Neighbours(saved["later"], saved["earlier"], saved["similarity"])
-    which = shard_plan(clusters, cfg.shards)[shard]
-    log.info("semantic: searching shard %d of %d (%d clusters)", shard, cfg.shards, len(which))
-    pairs = search_pairs(x, clusters, which, search_threshold(cfg), gpu, show_progress)
-    atomic_savez(path, {"key": np.array(shard_key), "later": pairs.later, "earlier": pairs.earlier,
-                        "similarity": pairs.similarity})  # fmt: skip
-    return pairs
+def search_shards(directory: Path, key: str, x: np.ndarray, clusters: Clusters, cfg: SemanticConfig,
+                  shards: Sequence[int], gpu: bool, show_progress: bool = False) -> list[Neighbours]:  # fmt: skip
+    """The pairs of each of ``shards`` (of ``cfg.shards``): from its saved file, or searched and saved now."""
+    digest, plan = clusters_digest(clusters), shard_plan(clusters, cfg.shards)
+    found = []
+    for shard in shards:
+        path = pairs_path(directory, shard, cfg.shards)
+        shard_key = f"{key}/{digest}/{shard}-of-{cfg.shards}"
+        saved = _saved(path, shard_key)
+        if saved is not None:
+            found.append(Neighbours(saved["later"], saved["earlier"], saved["similarity"]))
+            continue
+        log.info("semantic: searching shard %d of %d (%d clusters)", shard, cfg.shards, len(plan[shard]))
+        pairs = search_pairs(x, clusters, plan[shard], search_threshold(cfg), gpu, show_progress)
+        atomic_savez(path, {"key": np.array(shard_key), "later": pairs.later, "earlier": pairs.earlier,
+                            "similarity": pairs.similarity})  # fmt: skip
+        found.append(pairs)
+    return found
 
 
 def merged_search(directory: Path, key: str, x: np.ndarray, clusters: Clusters, cfg: SemanticConfig, gpu: bool,
                   show_progress: bool = False) -> Neighbours:  # fmt: skip
     """Every shard's pairs, merged: the saved shards read, the missing or stale ones searched here."""
-    found = [shard for shard in range(cfg.shards) if pairs_path(directory, shard, cfg.shards).is_file()]
-    missing = sorted(set(range(cfg.shards)) - set(found))
+    missing = [shard for shard in range(cfg.shards) if not pairs_path(directory, shard, cfg.shards).is_file()]
     if missing:
         log.warning("semantic: no saved result for shard(s) %s of %d; searching them in this run", missing, cfg.shards)
-    return merge_pairs([search_shard(directory, key, x, clusters, cfg, shard, gpu, show_progress)
-                        for shard in range(cfg.shards)])  # fmt: skip
+    return merge_pairs(search_shards(directory, key, x, clusters, cfg, range(cfg.shards), gpu, show_progress))

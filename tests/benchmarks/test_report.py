@@ -53,7 +53,7 @@ def test_attention_targets_met_missed_and_not_measured(tmp_path):
         if (row["provider"], row["mode"], row["total"], row["Hkv"], row["workload"]) == ("ours", "backward", 16384, 32, "causal"):
             row.update({"ms": "", "TFLOP/s": "", "x vs ours": "", "note": "error: OutOfMemoryError: CUDA out of memory"})
     md, csv_path = report.write_tables("Packed attention benchmark", rows, header(H100), tmp_path, "attn", ATTENTION_COLUMNS)
-    got = verdicts_by_text(report.read_and_judge(csv_path))
+    got = verdicts_by_text(report.judge(*report.read_table(csv_path)))
     fa2 = got["forward+backward >= 1.2x torch varlen_attn (FA2) on causal-only packing"]
     assert fa2.verdict == "missed", fa2  # 1.31 at Hkv 8, 1.12 at Hkv 32: every row must hold
     assert "Hq 32 Hkv 8: 1.31" in fa2.measured and "Hq 32 Hkv 32: 1.12" in fa2.measured
@@ -74,17 +74,17 @@ def test_a_failing_row_decides_a_target_though_another_row_has_no_figure(tmp_pat
         if (row["provider"], row["mode"], row["total"], row["Hkv"]) == ("ours", "backward", 16384, 32):
             row.update({"ms": "", "TFLOP/s": "", "note": "error: OutOfMemoryError"})
     _, csv_path = report.write_tables("t", rows, header(H100), tmp_path, "attn", ATTENTION_COLUMNS)
-    assert verdicts_by_text(report.read_and_judge(csv_path))["backward >= 300 TFLOP/s"].verdict == "missed"
+    assert verdicts_by_text(report.judge(*report.read_table(csv_path)))["backward >= 300 TFLOP/s"].verdict == "missed"
 
 
 def test_targets_are_not_judged_off_their_device_nor_without_their_shape(tmp_path):
     rows = attention_rows({}, {("forward", 8): 999.0, ("forward", 32): 999.0})
     _, csv_path = report.write_tables("t", rows, header("NVIDIA A100-SXM4-80GB"), tmp_path, "a100", ATTENTION_COLUMNS)
-    got = verdicts_by_text(report.read_and_judge(csv_path))
+    got = verdicts_by_text(report.judge(*report.read_table(csv_path)))
     assert got["forward >= 450 TFLOP/s"].verdict == "not judged (H100/H200 only)"  # 999 TFLOP/s, but on an A100
     smaller = [r for r in rows if r["total"] != 16384]
     _, csv_path = report.write_tables("t", smaller, header(H100), tmp_path, "cut", ATTENTION_COLUMNS)
-    for verdict in report.read_and_judge(csv_path):
+    for verdict in report.judge(*report.read_table(csv_path)):
         assert verdict.verdict == "not measured" and "total 16384" in verdict.measured
 
 
@@ -98,7 +98,7 @@ def test_projector_targets_read_only_llava_shapes_without_layernorm(tmp_path):
                      "LayerNorm": layer_norm, "dtype": "bfloat16", "mode": "full", "provider": provider,
                      "ms": "1.0", "TFLOP/s": "300", "x vs ours": f"{x:.3g}"})  # fmt: skip
     _, csv_path = report.write_tables("p", rows, header(H100, "bench_projector.py"), tmp_path, "proj")
-    got = report.read_and_judge(csv_path)
+    got = report.judge(*report.read_table(csv_path))
     assert [v.verdict for v in got] == ["met", "met"]
     assert all(v.measured.count("images") == 3 for v in got)  # 16, 32 and 64 images
 
@@ -110,14 +110,14 @@ def test_linear_cross_entropy_memory_and_speed_targets(peak, speed, verdicts, tm
             {"tokens": 16384, "D": 2048, "V": 151936, "dtype": "bfloat16", "mode": "full", "provider": "ours",
              "ms": "10", "TFLOP/s": "300", "peak MiB": "4000", "x vs ours": "1", "peak / eager": peak}]  # fmt: skip
     _, csv_path = report.write_tables("ce", rows, header("NVIDIA H200", "bench_linear_cross_entropy.py"), tmp_path, "ce")
-    assert [v.verdict for v in report.read_and_judge(csv_path)] == verdicts
+    assert [v.verdict for v in report.judge(*report.read_table(csv_path))] == verdicts
 
 
 def test_training_targets_read_percent_and_thousands(tmp_path):
     rows = [{"model": "small", "mode": "full", "provider": "ours", "tokens/s": "123,456", "MFU": "47.2%"},
             {"model": "small", "mode": "full", "provider": "hf", "tokens/s": "61,000", "MFU": "23.0%"}]
     _, csv_path = report.write_tables("train", rows, header(H100, "bench_train.py"), tmp_path, "train_small_cuda")
-    got = verdicts_by_text(report.read_and_judge(csv_path))
+    got = verdicts_by_text(report.judge(*report.read_table(csv_path)))
     assert got[">= 45% MFU for the small model at TP=1 on an H100"].verdict == "met"
     assert got["training step >= 2x Hugging Face's LLaVA on CPU (tokens/s, tiny model)"].verdict == "not measured"
     assert (tmp_path / "train_small_cuda.png").is_file()
