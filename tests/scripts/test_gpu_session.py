@@ -180,3 +180,14 @@ def test_a_spent_budget_skips_the_steps_and_still_archives_the_log(copy):
 def test_an_unknown_stage_is_refused(copy):
     proc = _stage(copy, "everything")
     assert proc.returncode == 2 and "usage: bash scripts/gpu_session.sh check|attention|fused|train" in proc.stderr
+
+
+def test_e2e_small_run_is_the_small_run_of_the_train_tests():
+    """The e2e stage's small overrides are a copy of tests/test_train_e2e.py's SMALL (bash cannot import it):
+    the same, less the CPU thread count, and with the stage's own cache."""
+    from tests.test_train_e2e import SMALL
+
+    script = (REPO / "scripts" / "gpu_session.sh").read_text()
+    body = re.search(r"^\s*small=\((.*?)\)$", script, re.MULTILINE | re.DOTALL).group(1)
+    small = [word.strip('"') for word in body.split()]
+    assert small == [o for o in SMALL if not o.startswith("train.threads=")] + ["data.cache_dir=$runs/cache"]
