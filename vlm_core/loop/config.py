@@ -13,7 +13,7 @@ from curation.sources.world.config import SKILLS
 from vlm_core.config import JobConfig
 
 STRATEGIES: tuple[str, ...] = ("adaptive", "uniform", "none")
-GENERATORS: tuple[str, ...] = ("teacher", "self_augment", "http")
+GENERATORS: tuple[str, ...] = ("teacher", "self_augment", "http", "specialist")
 
 
 @dataclass
@@ -74,6 +74,42 @@ class SelfAugmentConfig:
             raise ValueError(f"self_augment.max_hallucinations={self.max_hallucinations} must be >= 0")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"self_augment.batch_size={self.batch_size} and max_new_tokens={self.max_new_tokens} "
+                             "must be >= 1")
+
+
+@dataclass
+class SpecialistConfig:
+    """VILA²'s specialist-augment: for each of ``skills`` the sampler asks for, the current model is fine-tuned
+    on that skill's data alone (pool and earlier increments), and this specialist answers new questions of its
+    skill about pool images that have none; its answers become new samples on the pool's images.
+
+    The specialist fills ``share`` of the plan's count of each of its skills; the teachers fill the rest and
+    whatever the specialist could not (too few images, answers the verifier dropped), so the round still adds
+    its whole budget. The world's oracle scores every label either way (``oracle_agreement`` in rounds.json).
+    """
+
+    skills: list[str] = field(default_factory=lambda: ["spatial", "grounding", "ocr"])  # VILA²'s three specialists
+    share: float = 0.5  # of the plan's count of each specialist skill; the teachers get the rest
+    steps: int = 150  # fine-tuning steps of each specialist, from the previous round's weights
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    batch_size: int = 64  # training samples per step, and prompts decoded together
+    # Keep only labels the world's oracle accepts. False keeps the specialist's labels as they are, as VILA²
+    # does on real data, where there is no oracle: the increment then carries the specialist's errors.
+    verify: bool = True
+    max_new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.skills) - set(SKILLS))
+        if unknown:
+            raise ValueError(f"specialist.skills: unknown skill(s) {unknown}; expected a subset of {list(SKILLS)}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"specialist.share={self.share} must be in [0, 1] (a share of the plan)")
+        if self.steps < 1 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"specialist: need steps >= 1, lr > 0 and warmup_steps >= 0; got steps={self.steps}, "
+                             f"lr={self.lr}, warmup_steps={self.warmup_steps}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"specialist.batch_size={self.batch_size} and max_new_tokens={self.max_new_tokens} "
                              "must be >= 1")
 
 
@@ -159,6 +195,7 @@ class MetabolizeConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     self_augment: SelfAugmentConfig = field(default_factory=SelfAugmentConfig)
     http: HttpTeacherConfig = field(default_factory=HttpTeacherConfig)
+    specialist: SpecialistConfig = field(default_factory=SpecialistConfig)
     rounds_train: RoundTrainConfig = field(default_factory=RoundTrainConfig)
     curation: RoundCurationConfig = field(default_factory=RoundCurationConfig)
     output_dir: str | None = None  # None = Hydra's run directory

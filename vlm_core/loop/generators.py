@@ -9,6 +9,8 @@ Each takes the per-category counts the sampler planned and returns :class:`Gener
   image-text alignment).
 - :class:`HttpTeacher` sends the world's questions with their images to any OpenAI-compatible
   ``/v1/chat/completions`` endpoint and keeps the answers the oracle accepts.
+- :class:`SpecialistAugment` lets skill specialists (the current model fine-tuned on one skill) label pool
+  images with new questions of their skill (VILA²'s specialist-augment step).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from curation.sources.world import (
+    SKILLS,
     Difficulty,
     Scene,
     WorldConfig,
@@ -30,10 +35,11 @@ from curation.sources.world import (
     caption_f1,
     caption_hallucinations,
     check_answer,
+    make_questions,
     to_llava,
 )
 from curation.sources.world.writer import render_images
-from vlm_core.loop.config import HttpTeacherConfig, SelfAugmentConfig, TeacherConfig
+from vlm_core.loop.config import HttpTeacherConfig, SelfAugmentConfig, SpecialistConfig, TeacherConfig
 from vlm_core.types import Sample, Turn
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ class Generated:
     scenes: dict[str, Scene]  # absolute image path → scene graph
     requested: dict[str, int]  # category → samples asked for
     rejected: dict[str, int] = field(default_factory=dict)  # category → dropped by the verifier
+    # category → share of the generator's labels the world's oracle accepts (generators that label without it)
+    oracle_agreement: dict[str, float] = field(default_factory=dict)
 
     def produced(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -65,7 +73,7 @@ def merge_generated(first: Generated, more: Generated) -> Generated:
     for skill, n in more.rejected.items():
         rejected[skill] = rejected.get(skill, 0) + n
     return Generated(first.generator, first.samples + more.samples, {**first.scenes, **more.scenes},
-                     first.requested, rejected)
+                     first.requested, rejected, first.oracle_agreement)
 
 
 def teacher_seed(loop_seed: int, round_index: int) -> int:
@@ -254,3 +262,75 @@ class HttpTeacher:
             scenes[str(path)] = record.scene
         log.info("http teacher %s: %d of %d records kept", self.cfg.url, len(samples), len(records))
         return Generated(self.name, samples, scenes, dict(plan), rejected)
+
+
+class SpecialistAugment:
+    """VILA²'s specialist-augment step: skill specialists label pool images with new questions of their skill.
+
+    For each of ``cfg.skills`` with a count in ``requests``, pool images whose sample is of another skill and
+    whose scene supports a question of this one are drawn (seeded by the loop's seed, the round and the skill);
+    the world asks one question about each, and the skill's specialist, ``answer_for(skill)``, answers. The
+    answer is the new sample's label. The world's oracle scores every label: the share it accepts is recorded
+    per skill, and with ``cfg.verify`` the rejected labels are dropped (counted in ``rejected``).
+    ``answer_for`` is called only for skills with something to label (it may train the specialist first).
+    """
+
+    name = "specialist"
+
+    def __init__(self, cfg: SpecialistConfig, world: WorldConfig, answer_for: Callable[[str], AnswerFn]) -> None:
+        self.cfg, self.world, self.answer_for = cfg, world, answer_for
+
+    def requests(self, plan: dict[str, int]) -> dict[str, int]:
+        """The specialists' part of ``plan``: ``share`` of each specialist skill's count (rounded half up)."""
+        return {skill: int(self.cfg.share * plan[skill] + 0.5) for skill in self.cfg.skills
+                if plan.get(skill, 0) > 0 and int(self.cfg.share * plan[skill] + 0.5) > 0}
+
+    def prompts(self, pool: Sequence[Sample], scene_of: Callable[[Sample], Scene | None], skill: str, n: int,
+                seed: int, round_index: int, source: str) -> list[tuple[Sample, Scene]]:
+        """Up to ``n`` new questions of ``skill`` on pool images of other skills, as samples with the oracle's
+        answer in place (replaced by the specialist's); fewer when fewer images support the skill."""
+        rng = np.random.default_rng([seed, round_index, SKILLS.index(skill)])
+        out: list[tuple[Sample, Scene]] = []
+        for i in rng.permutation(len(pool)):
+            if len(out) == n:
+                break
+            sample = pool[int(i)]
+            scene = scene_of(sample)
+            if sample.skill == skill or scene is None:
+                continue
+            questions = make_questions(skill, scene, rng, 1, self.world)
+            if not questions:
+                continue
+            record = WorldRecord(id=f"r{round_index}-{skill}-{sample.id}", skill=skill, scene=scene,
+                                 questions=questions, split=f"r{round_index}")
+            labelled = record_sample(record, sample.image_paths[0], source, self.world.image_position)
+            out.append((Sample(id=labelled.id, source=source, image_paths=labelled.image_paths, turns=labelled.turns,
+                               skill=skill, meta={**labelled.meta, "labelled_from": sample.id}), scene))
+        return out
+
+    def generate(self, pool: Sequence[Sample], scene_of: Callable[[Sample], Scene | None], requests: dict[str, int],
+                 seed: int, source: str, round_index: int) -> Generated:
+        samples, scenes, rejected, agreement = [], {}, {}, {}
+        for skill, n in sorted(requests.items()):
+            prompts = self.prompts(pool, scene_of, skill, n, seed, round_index, source)
+            if len(prompts) < n:
+                log.info("specialist %s: only %d of %d requested pool images support a %s question", skill,
+                         len(prompts), n, skill)
+            if not prompts:
+                continue
+            answers = self.answer_for(skill)([sample for sample, _ in prompts])
+            accepted = 0
+            for (sample, scene), answer in zip(prompts, answers):
+                score = check_answer(skill, scene, sample.meta["questions"][0], answer) if answer else 0.0
+                accepted += score >= 1.0
+                if not answer or (self.cfg.verify and score < 1.0):
+                    rejected[skill] = rejected.get(skill, 0) + 1
+                    continue
+                turns = (*sample.turns[:-1], Turn("assistant", answer))
+                samples.append(Sample(id=sample.id, source=source, image_paths=sample.image_paths, turns=turns,
+                                      skill=skill, meta={**sample.meta, "oracle_score": score}))
+                scenes[str(sample.image_paths[0])] = scene
+            agreement[skill] = round(accepted / len(prompts), 4)
+            log.info("specialist %s: the oracle accepts %d of %d labels (%.1f%%); %d kept", skill, accepted,
+                     len(prompts), 100 * accepted / len(prompts), len(prompts) - rejected.get(skill, 0))
+        return Generated(self.name, samples, scenes, dict(requests), rejected, agreement)

@@ -119,14 +119,16 @@ def write_table(table: pa.Table, path: Path, metadata: dict[str, Any] | None = N
 
 
 def write_mixture(parts: Sequence[tuple[Path, float]], replaced: set[str], path: Path,
-                  metadata: dict[str, Any]) -> dict[str, Any]:
-    """Concatenate increment tables, each with its weight, drop replaced pool rows; return the composition."""
+                  metadata: dict[str, Any], skills: set[str] | None = None) -> dict[str, Any]:
+    """Concatenate increment tables, each with its weight, drop replaced pool rows (and, given ``skills``, rows of
+    other skills); return the composition."""
     tables = []
     for part, weight in parts:
         table = pq.read_table(part)
-        if replaced:
-            keep = [uid.split("/", 1)[1] not in replaced for uid in table.column("uid").to_pylist()]
-            table = table.filter(pa.array(keep))
+        if replaced or skills is not None:
+            keep = [uid.split("/", 1)[1] not in replaced and (skills is None or skill in skills)
+                    for uid, skill in zip(table.column("uid").to_pylist(), table.column("skill").to_pylist())]
+            table = table.filter(pa.array(keep, pa.bool_()))
         tables.append(table.set_column(table.schema.get_field_index("weight"), "weight",
                                        pa.array([float(weight)] * table.num_rows, pa.float64())))
     merged = pa.concat_tables(tables).replace_schema_metadata(None)

@@ -3,8 +3,9 @@
 Round 0 trains ``cfg.job`` on the world. Round k >= 1:
 
 1. plans the increment from round k-1's analysis (:mod:`vlm_core.loop.sampler`);
-2. generates it (:mod:`vlm_core.loop.generators`) and curates it against the pool and earlier increments
-   into ``round-k/manifest.parquet`` (:mod:`vlm_core.loop.mixture`);
+2. generates it (:mod:`vlm_core.loop.generators`; the specialists first fine-tune round k-1's model on their
+   skills) and curates it against the pool and earlier increments into ``round-k/manifest.parquet``
+   (:mod:`vlm_core.loop.mixture`);
 3. trains on that mixture, continuing from round k-1's weights (``rounds_train``), and evaluates;
 4. analyses the evaluation (:mod:`vlm_core.loop.analysis`) and writes ``round-k/round.json`` and ``DONE``.
 
@@ -13,6 +14,7 @@ Layout of ``output_dir``::
     pool.parquet                 the base pool (the world's training split) as manifest rows
     round-0/train/               round 0's run directory (eval.json, predictions.jsonl, checkpoints/, tb/)
     round-k/images/, increment-<generator>.parquet, scenes.jsonl, manifest.parquet, train/
+    round-k/specialist-<skill>/  a specialist's training mixture (manifest.parquet) and run (train/)
     round-k/round.json, DONE     the round's record; DONE is written last
     rounds.json, report.md, plots/, tb/
 
@@ -42,7 +44,7 @@ from curation.sources.world import Scene, WorldPaths, build_world, load_scenes
 from curation.stages.near import lsh_index
 from vlm_core.config import JobConfig
 from vlm_core.loop.analysis import analyse
-from vlm_core.loop.config import MetabolizeConfig, RoundBalanceConfig, SelfAugmentConfig
+from vlm_core.loop.config import MetabolizeConfig, RoundBalanceConfig, SelfAugmentConfig, SpecialistConfig
 from vlm_core.loop.curate_stages import (
     NearFeatures,
     balance_filter,
@@ -54,6 +56,7 @@ from vlm_core.loop.generators import (
     Generated,
     HttpTeacher,
     SelfAugment,
+    SpecialistAugment,
     WorldTeacher,
     merge_generated,
     teacher_seed,
@@ -178,55 +181,102 @@ class Loop:
         scores = previous["scores"]
         plan = plan_increment(scores, cfg.strategy, cfg.sampler)
         generated, curated = self.generate_and_curate(k, folder, plan, scores, previous)
-        lineage: dict[str, Any] = {POOL_SOURCE: {"round": 0, "generator": "world"}}
-        for j in range(1, k + 1):
-            for name in cfg.generators:
-                lineage[f"r{j}_{name}"] = {"round": j, "generator": name, "strategy": cfg.strategy}
+        lineage = self.lineage(k)
         for source, samples in curated.kept.items():
             table = sample_table(samples, source, lineage[source], self.digest)
             write_table(table, folder / f"increment-{source.split('_', 1)[1]}.parquet")
-        replaced = set(curated.replaced)
-        parts = [(self.out / "pool.parquet", cfg.rounds_train.pool_weight)]
-        for j in range(1, k + 1):
-            for name in cfg.generators:
-                part = self.out / f"round-{j}" / f"increment-{name}.parquet"
-                if part.is_file():
-                    parts.append((part, cfg.rounds_train.increment_weight))
-            if j < k:
-                replaced |= self._replaced(j)
-        metadata = {
-            "config_hash": self.digest, "mixture_seed": cfg.seed, "world": asdict(cfg.job.data.world),
-            "sources": {name: {**info, **self._scenes_lineage(info["round"])} for name, info in lineage.items()},
-            "lineage": lineage, "replaced": sorted(replaced), "round": k, "strategy": cfg.strategy,
-        }
+        replaced = set(curated.replaced) | self.replaced_before(k)
         atomic_write_text(folder / "replaced.json", json.dumps(sorted(curated.replaced)))
         manifest = folder / "manifest.parquet"
-        mixture = write_mixture(parts, replaced, manifest, metadata)
+        parts = self.mixture_parts(k)
+        mixture = write_mixture(parts, replaced, manifest, self.mixture_metadata(lineage, replaced, strategy=cfg.strategy,
+                                                                                 round=k))
         job = self.round_job(k, folder, manifest)
         report = self.run_job(job)
         curation = {"kept": {s: len(v) for s, v in curated.kept.items()}, "removed": dict(curated.removed),
                     "replaced": len(curated.replaced), "refill_passes": curated.refill_passes}
-        gen = {name: {"requested": b.requested, "produced": b.produced(), "rejected": b.rejected}
+        gen = {name: {"requested": b.requested, "produced": b.produced(), "rejected": b.rejected,
+                      **({"oracle_agreement": b.oracle_agreement} if b.oracle_agreement else {})}
                for name, b in generated.items()}
         return self.record(k, folder, report, plan=plan, generated=gen, curation=curation, mixture=mixture)
+
+    def lineage(self, last_round: int) -> dict[str, dict[str, Any]]:
+        """Source name → lineage (round, generator) of the pool and of every increment of rounds 1..last_round."""
+        lineage: dict[str, dict[str, Any]] = {POOL_SOURCE: {"round": 0, "generator": "world"}}
+        for j in range(1, last_round + 1):
+            for name in self.cfg.generators:
+                lineage[f"r{j}_{name}"] = {"round": j, "generator": name, "strategy": self.cfg.strategy}
+        return lineage
+
+    def mixture_parts(self, last_round: int) -> list[tuple[Path, float]]:
+        """(table, repetition factor) of the pool and of every kept increment of rounds 1..last_round."""
+        rt = self.cfg.rounds_train
+        parts = [(self.out / "pool.parquet", rt.pool_weight)]
+        for j in range(1, last_round + 1):
+            for name in self.cfg.generators:
+                part = self.out / f"round-{j}" / f"increment-{name}.parquet"
+                if part.is_file():
+                    parts.append((part, rt.increment_weight))
+        return parts
+
+    def replaced_before(self, k: int) -> set[str]:
+        """Ids of the pool samples that recaptions of rounds 1..k-1 replaced."""
+        return set().union(*(self._replaced(j) for j in range(1, k)))
+
+    def mixture_metadata(self, lineage: dict[str, dict[str, Any]], replaced: set[str], **extra: Any) -> dict[str, Any]:
+        """A mixture manifest's metadata: its world, its sources' lineage (with their scene files) and ``extra``."""
+        return {
+            "config_hash": self.digest, "mixture_seed": self.cfg.seed, "world": asdict(self.cfg.job.data.world),
+            "sources": {name: {**info, **self._scenes_lineage(info["round"])} for name, info in lineage.items()},
+            "lineage": lineage, "replaced": sorted(replaced), **extra,
+        }
 
     def round_job(self, k: int, folder: Path, manifest: Path) -> JobConfig:
         """Round k's training job: the round's mixture, continuing from round k-1's weights by default."""
         rt = self.cfg.rounds_train
+        job = self._manifest_job(folder, manifest, k)
+        if not rt.continue_from_previous:
+            return job
+        job.train.min_lr_ratio = rt.min_lr_ratio
+        return _continued(job, self.out / f"round-{k - 1}" / "train", rt.max_steps, rt.lr, rt.warmup_steps)
+
+    def _manifest_job(self, folder: Path, manifest: Path, k: int) -> JobConfig:
+        """The loop's job in ``folder/train`` on ``manifest``; it continues its own run if one was killed there."""
         job = self._job(folder)
         job.data.source, job.data.path = "manifest", str(manifest)
         job.mixture.weights, job.mixture.seed = {}, self.cfg.seed + k
-        run_dir = folder / "train"
-        if latest_checkpoint(run_dir / "checkpoints") is not None:
-            job.train.resume = str(run_dir)  # killed during this round's training: continue it
-        if not rt.continue_from_previous:
-            return job
-        job.train.max_steps, job.train.lr, job.train.warmup_steps = rt.max_steps, rt.lr, rt.warmup_steps
-        job.train.min_lr_ratio, job.train.curriculum_fraction = rt.min_lr_ratio, 0.0
-        job.train.focus_fraction = 0.0  # the continued model has learned the focus skills in round 0
-        if job.train.resume is None:
-            job.train.resume = str(warm_start(self.out / f"round-{k - 1}" / "train", run_dir))
+        if latest_checkpoint(folder / "train" / "checkpoints") is not None:
+            job.train.resume = str(folder / "train")  # killed during this training: continue it
         return job
+
+    def specialist(self, k: int, folder: Path, plan: dict[str, int], previous_run: Path) -> Generated:
+        """Round k's specialist-augment increment: each specialist skill the plan asks for is trained, then labels."""
+        scfg = self.cfg.specialist
+
+        def answer_for(skill: str) -> Callable[[list[Sample]], list[str]]:
+            return _model_answerer(self.train_specialist(k, folder / f"specialist-{skill}", skill, previous_run), scfg)
+
+        augment = SpecialistAugment(scfg, self.cfg.job.data.world, answer_for)
+        return augment.generate(self.pool, self.scene_of, augment.requests(plan), teacher_seed(self.cfg.seed, k),
+                                f"r{k}_specialist", k)
+
+    def train_specialist(self, k: int, folder: Path, skill: str, previous_run: Path) -> Path:
+        """Fine-tune round k-1's model on ``skill``'s samples of the pool and of rounds 1..k-1; its run directory.
+
+        The mixture takes every such sample once (whatever the rounds' repetition factors); no evaluation runs.
+        """
+        scfg = self.cfg.specialist
+        manifest = folder / "manifest.parquet"
+        replaced = self.replaced_before(k)
+        metadata = self.mixture_metadata(self.lineage(k - 1), replaced, round=k, specialist=skill)
+        mixture = write_mixture([(part, 1.0) for part, _ in self.mixture_parts(k - 1)], replaced, manifest, metadata,
+                                skills={skill})
+        log.info("round %d: training the %s specialist on %d samples for %d steps", k, skill,
+                 mixture["total_samples"], scfg.steps)
+        job = self._manifest_job(folder, manifest, k)
+        job.eval.enabled = False
+        self.run_job(_continued(job, previous_run, scfg.steps, scfg.lr, scfg.warmup_steps))
+        return folder / "train"
 
     def generate_and_curate(self, k: int, folder: Path, plan: dict[str, int], scores: dict[str, float],
                             previous: dict[str, Any]) -> tuple[dict[str, Generated], Curated]:
@@ -237,10 +287,17 @@ class Loop:
         budget; balance runs last, on the whole increment.
         """
         cfg, ccfg = self.cfg, self.cfg.curation
-        # The teacher and the HTTP teacher share the planned budget; self-augment has its own (it adds no new images).
+        # The specialists take their share of the plan first; the teacher and the HTTP teacher share the rest.
+        # Self-augment has its own budget (it adds no new images).
         external = [g for g in cfg.generators if g in ("teacher", "http")]
-        shares = dict(zip(external, _divide_plan(plan, len(external))))
-        generated = self.generate_external(k, folder, shares, scores, attempt=0)
+        generated: dict[str, Generated] = {}
+        remaining = dict(plan)
+        if "specialist" in cfg.generators and cfg.strategy != "none":
+            generated["specialist"] = self.specialist(k, folder, plan, Path(previous["run_dir"]))
+            labelled = generated["specialist"].produced()
+            remaining = {skill: max(n - labelled.get(skill, 0), 0) for skill, n in plan.items()}
+        shares = dict(zip(external, _divide_plan(remaining, len(external))))
+        generated.update(self.generate_external(k, folder, shares, scores, attempt=0))
         if "self_augment" in cfg.generators and cfg.strategy != "none":
             answer = _model_answerer(Path(previous["run_dir"]), cfg.self_augment)
             # Round k's window of the pool's caption images is chosen by caption_window (the next ones each round).
@@ -411,6 +468,16 @@ def warm_start(previous_run: Path, run_dir: Path) -> Path:
     return target
 
 
+def _continued(job: JobConfig, previous_run: Path, steps: int, lr: float, warmup_steps: int) -> JobConfig:
+    """``job`` as instruction tuning for ``steps`` steps from ``previous_run``'s weights (unless it resumes its own)."""
+    job.train.max_steps, job.train.lr, job.train.warmup_steps = steps, lr, warmup_steps
+    job.train.curriculum_fraction = 0.0
+    job.train.focus_fraction = 0.0  # the continued model has learned the focus skills in round 0
+    if job.train.resume is None:
+        job.train.resume = str(warm_start(previous_run, Path(job.run_dir)))
+    return job
+
+
 def _deficit(share: dict[str, int], kept: list[Sample]) -> dict[str, int]:
     """What curation left short of a generator's share, per skill."""
     have = Counter(sample.skill or "" for sample in kept)
@@ -441,7 +508,7 @@ def _divide_plan(plan: dict[str, int], parts: int) -> list[dict[str, int]]:
     return [{skill: n // parts + (1 if i < n % parts else 0) for skill, n in plan.items()} for i in range(parts)]
 
 
-def _model_answerer(run_dir: Path, cfg: SelfAugmentConfig) -> Callable[[list[Sample]], list[str]]:
+def _model_answerer(run_dir: Path, cfg: SelfAugmentConfig | SpecialistConfig) -> Callable[[list[Sample]], list[str]]:
     """Greedy answers of the model in ``run_dir`` (loaded once, on the CPU)."""
     from vlm_core.eval.evaluate import answer_questions
     from vlm_core.hf.checkpoint import load_trained

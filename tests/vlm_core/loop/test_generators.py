@@ -9,8 +9,8 @@ import pytest
 
 from curation.sources.world import WorldConfig, caption_f1, caption_text, check_answer
 from curation.sources.world.generator import WorldGenerator
-from vlm_core.loop.config import SelfAugmentConfig, TeacherConfig
-from vlm_core.loop.generators import SelfAugment, WorldTeacher, caption_window, verify_caption
+from vlm_core.loop.config import SelfAugmentConfig, SpecialistConfig, TeacherConfig
+from vlm_core.loop.generators import SelfAugment, SpecialistAugment, WorldTeacher, caption_window, verify_caption
 from vlm_core.loop.rounds import _divide_plan
 from vlm_core.types import Turn
 
@@ -129,3 +129,75 @@ def test_self_augment_walks_the_pool_round_after_round(tmp_path: Path) -> None:
 def test_self_augment_config_rejects_bad_values(field: str, value) -> None:
     with pytest.raises(ValueError, match=f"self_augment.{field}"):
         SelfAugmentConfig(**{field: value})
+
+
+def specialist_pool(tmp_path: Path):
+    """A pool of every skill but OCR's, written by the teacher; (samples, scene of a sample)."""
+    teacher = WorldTeacher(WORLD, TeacherConfig(), tmp_path, frozenset())
+    pool = teacher.generate({"caption": 8, "color": 8, "count": 8, "spatial": 4}, seed=11, split="train", source="world")
+    return pool.samples, lambda sample: pool.scenes.get(str(sample.image_paths[0]))
+
+
+def oracle_answers(samples):
+    """What the world's oracle wrote as the answer (a perfect specialist)."""
+    return [sample.turns[-1].text for sample in samples]
+
+
+def test_specialist_labels_pool_images_of_other_skills_with_its_skill(tmp_path: Path) -> None:
+    pool, scene_of = specialist_pool(tmp_path)
+    trained: list[str] = []
+
+    def answer_for(skill):
+        trained.append(skill)
+        return oracle_answers
+
+    augment = SpecialistAugment(SpecialistConfig(share=0.5), WORLD, answer_for)
+    requests = augment.requests({"spatial": 9, "grounding": 4, "ocr": 0, "color": 10})
+    assert requests == {"spatial": 5, "grounding": 2}  # half of the specialist skills' counts, rounded half up
+    out = augment.generate(pool, scene_of, requests, seed=3, source="r1_specialist", round_index=1)
+    assert sorted(trained) == ["grounding", "spatial"]  # a specialist per skill asked for, and only those
+    assert out.produced() == requests and out.requested == requests and not out.rejected
+    assert out.oracle_agreement == {"grounding": 1.0, "spatial": 1.0}
+    by_id = {s.id: s for s in pool}
+    for sample in out.samples:
+        source = by_id[sample.meta["labelled_from"]]
+        assert source.skill != sample.skill and sample.image_paths == source.image_paths  # a pool image, new skill
+        scene = scene_of(source)
+        assert out.scenes[str(sample.image_paths[0])] == scene and sample.source == "r1_specialist"
+        assert check_answer(sample.skill, scene, sample.meta["questions"][0], sample.turns[-1].text) == 1.0
+    assert len({s.id for s in out.samples}) == len(out.samples)
+    again = augment.generate(pool, scene_of, requests, seed=3, source="r1_specialist", round_index=1)
+    later = augment.generate(pool, scene_of, requests, seed=3, source="r2_specialist", round_index=2)
+    assert [s.turns for s in again.samples] == [s.turns for s in out.samples]  # deterministic
+    assert {s.meta["labelled_from"] for s in later.samples} != {s.meta["labelled_from"] for s in out.samples}
+
+
+def test_specialist_asks_no_more_images_than_support_its_skill(tmp_path: Path) -> None:
+    pool, scene_of = specialist_pool(tmp_path)
+    ocr_images = sum(1 for s in pool if scene_of(s).word_object is not None)  # OCR needs a word in the scene
+    augment = SpecialistAugment(SpecialistConfig(), WORLD, lambda skill: oracle_answers)
+    out = augment.generate(pool, scene_of, {"ocr": len(pool)}, seed=0, source="r1_specialist", round_index=1)
+    assert out.produced().get("ocr", 0) == ocr_images < len(pool)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_specialist_labels_are_scored_by_the_oracle_and_verified_on_request(tmp_path: Path, verify: bool) -> None:
+    pool, scene_of = specialist_pool(tmp_path)
+
+    def wrong_every_other(samples):
+        return [answer if i % 2 == 0 else "purple" for i, answer in enumerate(oracle_answers(samples))]
+
+    augment = SpecialistAugment(SpecialistConfig(verify=verify), WORLD, lambda skill: wrong_every_other)
+    out = augment.generate(pool, scene_of, {"spatial": 8}, seed=1, source="r1_specialist", round_index=1)
+    assert out.oracle_agreement == {"spatial": 0.5}
+    scores = [s.meta["oracle_score"] for s in out.samples]
+    if verify:  # the wrong half is dropped and counted
+        assert len(out.samples) == 4 and out.rejected == {"spatial": 4} and scores == [1.0] * 4
+    else:  # kept as labelled (VILA² on real data), each with the score the oracle gave it
+        assert len(out.samples) == 8 and not out.rejected and sorted(scores) == [0.0] * 4 + [1.0] * 4
+
+
+@pytest.mark.parametrize("field, value", [("skills", ["juggling"]), ("share", 1.5), ("steps", 0), ("batch_size", 0)])
+def test_specialist_config_rejects_bad_values(field: str, value) -> None:
+    with pytest.raises(ValueError, match=f"specialist.*{field}"):
+        SpecialistConfig(**{field: value})

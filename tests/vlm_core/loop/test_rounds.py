@@ -149,3 +149,44 @@ def test_self_augment_walks_the_pool_captions_one_window_a_round(make_cfg, monke
     captions = [row["id"] for row in pool if row["skill"] == "caption"]
     assert len(captions) >= 6
     assert asked == [captions[0:2], captions[2:4], captions[4:6]]
+
+
+def test_specialists_train_on_their_skill_then_label_and_the_teacher_fills_the_rest(make_cfg) -> None:
+    """generators=[teacher, specialist]: each specialist skill of the plan gets a model fine-tuned from round 0 on
+    that skill alone; its labels join the increment, and the teacher makes up the rest of the budget."""
+    cfg = make_cfg(rounds=1, generators=["teacher", "specialist"])
+    cfg.specialist.verify = False  # keep every label of the barely trained model, so the test knows the counts
+    jobs: list = []
+
+    def recording(job):
+        jobs.append(job)
+        return run_job(job, show_progress=False)
+
+    history = run_loop(cfg, recording)
+    out = Path(cfg.output_dir)
+    plan, generated = history[1]["plan"], history[1]["generated"]["specialist"]
+    requested = {skill: int(0.5 * plan[skill] + 0.5) for skill in cfg.specialist.skills if plan.get(skill)}
+    assert generated["requested"] == requested and requested
+    assert set(generated["oracle_agreement"]) == set(requested)
+    assert all(0.0 <= a <= 1.0 for a in generated["oracle_agreement"].values())
+    specialists = {Path(j.run_dir).parent.name: j for j in jobs if "specialist-" in j.run_dir}
+    assert set(specialists) == {f"specialist-{skill}" for skill in requested}
+    pool = pq.read_table(out / "pool.parquet").to_pylist()
+    for skill in requested:
+        folder = out / "round-1" / f"specialist-{skill}"
+        rows = pq.read_table(folder / "manifest.parquet").to_pylist()
+        assert {r["skill"] for r in rows} == {skill} and len(rows) == sum(r["skill"] == skill for r in pool)
+        warm = json.loads((folder / "train" / "warm-start" / "state.json").read_text())
+        assert Path(warm["warm_start_from"]).parent.parent == out / "round-0" / "train"
+        metrics = [json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+        assert {m["stage"] for m in metrics} == {"instruct"} and max(m["stage_step"] for m in metrics) == cfg.specialist.steps
+        assert not (folder / "train" / "eval.json").exists()  # specialists are not evaluated
+    kept = history[1]["curation"]["kept"]
+    assert kept.get("r1_specialist", 0) == sum(generated["produced"].values()) > 0
+    assert kept["r1_teacher"] + kept["r1_specialist"] == cfg.sampler.budget  # the teacher made up the difference
+    pool_images = {image for row in pool for image in row["images"]}
+    labelled = pq.read_table(out / "round-1" / "increment-specialist.parquet").to_pylist()
+    assert all(set(row["images"]) <= pool_images for row in labelled)  # labels on pool images, no new ones
+    assert {json.loads(row["decisions"])["lineage"]["generator"] for row in labelled} == {"specialist"}
+    sources = set(pq.read_table(out / "round-1" / "manifest.parquet").column("source").to_pylist())
+    assert sources == {"world", "r1_teacher", "r1_specialist"}
