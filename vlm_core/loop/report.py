@@ -103,6 +103,10 @@ def render_report(history: Sequence[dict[str, Any]], plots: dict[str, Path], out
         if worst and confusions.get(worst, {}).get("confusions"):
             pairs = "; ".join(f"{ref} → {ans} ×{n}" for ref, ans, n in confusions[worst]["confusions"][:3])
             lines.append(f"  - {worst} confusions (reference → answer): {pairs}")
+        for name, made in (r.get("generated") or {}).items():
+            if made.get("oracle_agreement"):
+                shares = ", ".join(f"{s} {a:.2f}" for s, a in sorted(made["oracle_agreement"].items()))
+                lines.append(f"  - {name} labels the oracle accepts: {shares}")
     lines += ["", "## Curation per round", "",
               "| round | kept per source | removed (reason: count) | refill passes |", "|---|---|---|---|"]
     for r in history[1:]:

@@ -190,3 +190,4 @@ def test_specialists_train_on_their_skill_then_label_and_the_teacher_fills_the_r
     assert {json.loads(row["decisions"])["lineage"]["generator"] for row in labelled} == {"specialist"}
     sources = set(pq.read_table(out / "round-1" / "manifest.parquet").column("source").to_pylist())
     assert sources == {"world", "r1_teacher", "r1_specialist"}
+    assert "  - specialist labels the oracle accepts: " in (out / "report.md").read_text()
