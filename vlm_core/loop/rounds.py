@@ -296,6 +296,9 @@ class Loop:
             generated["specialist"] = self.specialist(k, folder, plan, Path(previous["run_dir"]))
             labelled = generated["specialist"].produced()
             remaining = {skill: max(n - labelled.get(skill, 0), 0) for skill, n in plan.items()}
+            if not external and any(remaining.values()):
+                log.warning("round %d: no teacher among the generators to fill the %d planned samples the specialists "
+                            "did not label (%s)", k, sum(remaining.values()), {s: n for s, n in remaining.items() if n})
         shares = dict(zip(external, _divide_plan(remaining, len(external))))
         generated.update(self.generate_external(k, folder, shares, scores, attempt=0))
         if "self_augment" in cfg.generators and cfg.strategy != "none":
