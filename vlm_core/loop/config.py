@@ -93,7 +93,7 @@ class SpecialistConfig:
     steps: int = 150  # fine-tuning steps of each specialist, from the previous round's weights
     lr: float = 5e-4
     warmup_steps: int = 10
-    batch_size: int = 64  # training samples per step, and prompts decoded together
+    batch_size: int = 64  # prompts decoded together (the fine-tuning uses job.train.batch_size)
     # Keep only labels the world's oracle accepts. False keeps the specialist's labels as they are, as VILA²
     # does on real data, where there is no oracle: the increment then carries the specialist's errors.
     verify: bool = True

@@ -282,8 +282,8 @@ class SpecialistAugment:
 
     def requests(self, plan: dict[str, int]) -> dict[str, int]:
         """The specialists' part of ``plan``: ``share`` of each specialist skill's count (rounded half up)."""
-        return {skill: int(self.cfg.share * plan[skill] + 0.5) for skill in self.cfg.skills
-                if plan.get(skill, 0) > 0 and int(self.cfg.share * plan[skill] + 0.5) > 0}
+        shares = {skill: int(self.cfg.share * plan.get(skill, 0) + 0.5) for skill in self.cfg.skills}
+        return {skill: n for skill, n in shares.items() if n > 0}
 
     def prompts(self, pool: Sequence[Sample], scene_of: Callable[[Sample], Scene | None], skill: str, n: int,
                 seed: int, round_index: int, source: str) -> list[tuple[Sample, Scene]]:

@@ -188,9 +188,8 @@ class Loop:
         replaced = set(curated.replaced) | self.replaced_before(k)
         atomic_write_text(folder / "replaced.json", json.dumps(sorted(curated.replaced)))
         manifest = folder / "manifest.parquet"
-        parts = self.mixture_parts(k)
-        mixture = write_mixture(parts, replaced, manifest, self.mixture_metadata(lineage, replaced, strategy=cfg.strategy,
-                                                                                 round=k))
+        metadata = self.mixture_metadata(lineage, replaced, round=k, strategy=cfg.strategy)
+        mixture = write_mixture(self.mixture_parts(k), replaced, manifest, metadata)
         job = self.round_job(k, folder, manifest)
         report = self.run_job(job)
         curation = {"kept": {s: len(v) for s, v in curated.kept.items()}, "removed": dict(curated.removed),
