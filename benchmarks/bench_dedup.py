@@ -101,20 +101,20 @@ def sharded_run(x: np.ndarray, cfg: SemanticConfig, shards: int, gpu: bool, refe
     """The search split into ``shards`` (as ``semantic.shards`` runs it, here one shard after another):
     seconds to cluster, per shard and to merge + decide; the merged pairs against one search over the same
     clusters, and the removals against ``reference`` (the unsharded run's, which clustered separately)."""
-    uids = [str(i) for i in range(len(x))]
+    uids, threshold = [str(i) for i in range(len(x))], search_threshold(cfg)
     started = time.perf_counter()
     clusters = cluster_items(x, cfg, gpu)
     cluster_s = time.perf_counter() - started
     parts, seconds = [], []
     for which in shard_plan(clusters, shards):
         started = time.perf_counter()
-        parts.append(search_pairs(x, clusters, which, search_threshold(cfg), gpu))
+        parts.append(search_pairs(x, clusters, which, threshold, gpu))
         seconds.append(time.perf_counter() - started)
     started = time.perf_counter()
     merged = merge_pairs(parts)
     result = semantic_dedup(x, uids, cfg, gpu=gpu, clusters=clusters, pairs=merged)
     decide_s = time.perf_counter() - started
-    whole = search_pairs(x, clusters, range(clusters.k), search_threshold(cfg), gpu)
+    whole = search_pairs(x, clusters, range(clusters.k), threshold, gpu)
     same_pairs = all(np.array_equal(getattr(merged, f), getattr(whole, f)) for f in ("later", "earlier", "similarity"))
     return {"shards": shards, "cluster_s": cluster_s, "shard_s": seconds, "decide_s": decide_s,
             "pairs": int(merged.later.size), "same_pairs": same_pairs,

@@ -245,11 +245,11 @@ def plot(header: dict[str, str], rows: list[dict[str, str]], png_path: Path, tit
     configs = list(dict.fromkeys(config(r) for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows if "mode" in r)) or [""]
     providers = list(dict.fromkeys(r.get("provider", "") for r in rows))
-    metrics = [rate] + (["peak MiB"] if any(number(r.get("peak MiB", "")) for r in rows) else [])
+    has_peak = any(number(r.get("peak MiB", "")) for r in rows)
     ceiling = number(header.get("bandwidth ceiling", "").split(" GB/s")[0]) if rate == "GB/s" else None
 
     memory_modes = ["full"] if "full" in modes else modes  # peak memory of a training step is the one that bites
-    panels = [(rate, mode) for mode in modes] + [("peak MiB", mode) for mode in memory_modes if len(metrics) > 1]
+    panels = [(rate, mode) for mode in modes] + [("peak MiB", mode) for mode in memory_modes if has_peak]
     width = min(30.0, max(8.0, 0.2 * len(configs) * len(providers) + 2.0))
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.2 * len(panels)), squeeze=False, layout="constrained")
     bar = 0.8 / len(providers)

@@ -188,7 +188,7 @@ def cluster_items(x: np.ndarray, cfg: SemanticConfig, gpu: bool) -> Clusters:
     guests = np.zeros(len(x), dtype=bool)
     if nearest.shape[1] > 1:
         guests = similarity[:, 1] >= similarity[:, 0] - cfg.boundary_margin
-    return Clusters(min(k, len(x)), nearest[:, 0], nearest[:, -1], guests)
+    return Clusters(k, nearest[:, 0], nearest[:, -1], guests)
 
 
 def shard_plan(clusters: Clusters, shards: int) -> list[np.ndarray]:

@@ -20,7 +20,7 @@ import json
 import logging
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -304,8 +304,7 @@ class SpecialistAugment:
             record = WorldRecord(id=f"r{round_index}-{skill}-{sample.id}", skill=skill, scene=scene,
                                  questions=questions, split=f"r{round_index}")
             labelled = record_sample(record, sample.image_paths[0], source, self.world.image_position)
-            out.append((Sample(id=labelled.id, source=source, image_paths=labelled.image_paths, turns=labelled.turns,
-                               skill=skill, meta={**labelled.meta, "labelled_from": sample.id}), scene))
+            out.append((replace(labelled, meta={**labelled.meta, "labelled_from": sample.id}), scene))
         return out
 
     def generate(self, pool: Sequence[Sample], scene_of: Callable[[Sample], Scene | None], requests: dict[str, int],
@@ -326,9 +325,8 @@ class SpecialistAugment:
                 if not answer or (self.cfg.verify and score < 1.0):
                     rejected[skill] = rejected.get(skill, 0) + 1
                     continue
-                turns = (*sample.turns[:-1], Turn("assistant", answer))
-                samples.append(Sample(id=sample.id, source=source, image_paths=sample.image_paths, turns=turns,
-                                      skill=skill, meta={**sample.meta, "oracle_score": score}))
+                samples.append(replace(sample, turns=(*sample.turns[:-1], Turn("assistant", answer)),
+                                       meta={**sample.meta, "oracle_score": score}))
                 scenes[str(sample.image_paths[0])] = scene
             agreement[skill] = round(accepted / len(prompts), 4)
             log.info("specialist %s: the oracle accepts %d of %d labels (%.1f%%); %d kept", skill, accepted,
