@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -112,13 +113,40 @@ def to_metabolize_config(cfg: DictConfig) -> MetabolizeConfig:
     return loop
 
 
-class SweepSummaryCallback(Callback):
-    """At the end of ``metabolize.py -m``, collate every job's rounds.json into sweep_summary.md and .csv."""
+class TrainSweepCallback(Callback):
+    """``train.py``'s sweeps: a failed job leaves its error in ``job_failed.txt``; the sweep's end collates every
+    job folder into sweep_summary.md, .csv and .png (:mod:`vlm_core.train.sweep`, which also runs by hand)."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        from vlm_core.train.checkpoint import atomic_write_text
+        from vlm_core.train.sweep import FAILED_FILE
+
+        failed = Path(str(config.hydra.runtime.output_dir)) / FAILED_FILE
+        if job_return.status == JobStatus.FAILED:
+            try:
+                job_return.return_value  # re-raises the job's exception
+            except Exception as error:  # noqa: BLE001  (recorded for the summary; Hydra reports it too)
+                atomic_write_text(failed, f"{type(error).__name__}: {error}\n")
+        else:
+            failed.unlink(missing_ok=True)  # a job rerun in the same folder: an earlier failure no longer holds
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from vlm_core.train.sweep import collate_sweep
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = collate_sweep(sweep_dir)
+        print(f"sweep summary of {len(jobs)} jobs → {sweep_dir / 'sweep_summary.md'}")
+
+
+class SweepSummaryCallback(TrainSweepCallback):
+    """``metabolize.py``'s sweeps: failed jobs are recorded as in train.py's; at the end of ``-m``, every job's
+    rounds.json is collated into sweep_summary.md and .csv (a job without rounds is listed with its reason)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from vlm_core.loop.report import collate
+        from vlm_core.train.sweep import sweep_jobs
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        runs = [path.parent for path in sweep_dir.glob("*/rounds.json")]
+        runs = sweep_jobs(sweep_dir)
         rows = collate(runs, sweep_dir, title=f"Sweep summary ({sweep_dir})")
         print(f"sweep summary of {len(rows)} runs → {sweep_dir / 'sweep_summary.md'}")

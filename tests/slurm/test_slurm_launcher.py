@@ -11,6 +11,7 @@ Each test has its own sweep and submitit folder (job ids restart when the cluste
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -68,6 +69,11 @@ def test_two_job_sweep(slurm_cluster: str, tmp_path: Path) -> None:
         records = read_metrics(run_dir)
         assert max(r["lr"] for r in records if r["stage"] == "instruct") == pytest.approx(lr)
         assert (run_dir / "checkpoints" / "latest.json").is_file()
+    # The sweep's end (in the submitting process, after both Slurm jobs) collated them into one table.
+    rows = {row["job"]: row for row in csv.DictReader((sweep_dir / "sweep_summary.csv").open())}
+    assert sorted(rows) == ["0", "1"] and [float(rows[j]["train.lr"]) for j in "01"] == [1e-3, 3e-3]
+    assert all(float(rows[j]["overall"]) == json.loads((sweep_dir / j / "eval.json").read_text())["overall"]
+               for j in "01")
     deadline = time.monotonic() + 30  # slurmdbd records the end a moment after the job ends
     while time.monotonic() < deadline:
         states = sacct_states(job)

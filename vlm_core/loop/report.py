@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_core.train.checkpoint import atomic_write_text
+from vlm_core.train.sweep import FAILED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +163,20 @@ def summary_row(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate(run_dirs: Sequence[Path], out: Path, title: str = "Sweep summary") -> list[dict[str, Any]]:
-    """Collate the rounds.json of several runs into ``out``/sweep_summary.csv and .md (means per strategy)."""
-    rows = []
-    for run_dir in sorted(run_dirs):
-        path = Path(run_dir) / "rounds.json"
-        if path.is_file():
-            history = json.loads(path.read_text())
-            if history:
-                rows.append({"run_dir": str(run_dir), **summary_row(history)})
+    """Collate the rounds.json of several runs into ``out``/sweep_summary.csv and .md (means per strategy).
+
+    A run without rounds yet has no row; the markdown lists it with the reason (its ``job_failed.txt`` if the
+    sweep's callback recorded an error)."""
+    rows, missing = [], []
+    for run_dir in sorted(map(Path, run_dirs)):
+        path = run_dir / "rounds.json"
+        history = json.loads(path.read_text()) if path.is_file() else []
+        if history:
+            rows.append({"run_dir": str(run_dir), **summary_row(history)})
+        elif (run_dir / FAILED_FILE).is_file():
+            missing.append((str(run_dir), f"failed: {(run_dir / FAILED_FILE).read_text().strip()}"))
+        else:
+            missing.append((str(run_dir), "no round finished (no rounds.json): killed, still running or failed"))
     out.mkdir(parents=True, exist_ok=True)
     columns = sorted({key for row in rows for key in row}, key=lambda k: (k.startswith("final_"), k != "strategy", k))
     buffer = io.StringIO()
@@ -177,17 +184,20 @@ def collate(run_dirs: Sequence[Path], out: Path, title: str = "Sweep summary") -
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "sweep_summary.csv", buffer.getvalue())
-    atomic_write_text(out / "sweep_summary.md", render_summary(rows, title))
+    atomic_write_text(out / "sweep_summary.md", render_summary(rows, title, missing))
     return rows
 
 
-def render_summary(rows: Sequence[dict[str, Any]], title: str) -> str:
+def render_summary(rows: Sequence[dict[str, Any]], title: str, missing: Sequence[tuple[str, str]] = ()) -> str:
+    """The table per run and the means per strategy; then the runs without results, each with its reason."""
     def fmt(value: Any) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    lines = [f"# {title}", "", f"{len(rows)} runs.", ""]
+    lines = [f"# {title}", "", f"{len(rows)} runs" + (f", {len(missing)} without results (listed at the end)."
+                                                      if missing else "."), ""]
+    tail = ["", "## Runs without results", "", *(f"- `{run}`: {reason}" for run, reason in missing)] if missing else []
     if not rows:
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + tail) + "\n"
     keys = ["strategy", "seed", "weakest_skill", "weakest_round0", "weakest_final", "mean_round0", "mean_final",
             "halluc_round0", "halluc_final", "wall_s"]
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -198,4 +208,4 @@ def render_summary(rows: Sequence[dict[str, Any]], title: str) -> str:
         weakest = sum(r["weakest_final"] for r in group) / len(group)
         mean = sum(r["mean_final"] for r in group) / len(group)
         lines.append(f"| {strategy} | {len(group)} | {weakest:.3f} | {mean:.3f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + tail) + "\n"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,10 @@ from omegaconf import OmegaConf
 
 from vlm_core.cli import SweepSummaryCallback
 from vlm_core.loop.config import MetabolizeConfig
+from vlm_core.train.sweep import FAILED_FILE
 
-PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[3] / "conf/metabolize/preset").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[3]
+PRESETS = sorted(p.stem for p in (ROOT / "conf/metabolize/preset").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -42,9 +46,13 @@ def test_callback_collates_the_sweep(tmp_path: Path) -> None:
             "1_uniform_seed0": fake_history("uniform", 0, [0.5, 0.55, 0.6], [0.7, 0.75, 0.78]),
             "2_none_seed0": fake_history("none", 0, [0.5, 0.5, 0.5], [0.7, 0.7, 0.7])}
     for name, history in runs.items():
-        (tmp_path / name).mkdir()
+        (tmp_path / name / ".hydra").mkdir(parents=True)
         (tmp_path / name / "rounds.json").write_text(json.dumps(history))
-    (tmp_path / "3_crashed").mkdir()  # a job that wrote nothing is left out, not an error
+    for name in ("3_crashed", "4_failed"):  # jobs without rounds: no row, listed with their reason, not an error
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+    (tmp_path / "4_failed" / FAILED_FILE).write_text("RuntimeError: out of memory\n")
+    for name in [*runs, "3_crashed", "4_failed"]:
+        OmegaConf.save(OmegaConf.create([f"strategy={name.split('_')[1]}"]), tmp_path / name / ".hydra/overrides.yaml")
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     SweepSummaryCallback().on_multirun_end(config=config)
     rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
@@ -54,3 +62,24 @@ def test_callback_collates_the_sweep(tmp_path: Path) -> None:
     assert float(adaptive["mean_final"]) == 0.85 and float(adaptive["final_color"]) == 0.9
     summary = (tmp_path / "sweep_summary.md").read_text()
     assert "| adaptive | 1 | 0.800 | 0.850 |" in summary
+    assert summary.startswith(f"# Sweep summary ({tmp_path})\n\n3 runs, 2 without results (listed at the end).")
+    assert f"- `{tmp_path / '3_crashed'}`: no round finished (no rounds.json)" in summary
+    assert f"- `{tmp_path / '4_failed'}`: failed: RuntimeError: out of memory" in summary
+
+
+@pytest.mark.slow
+def test_real_metabolize_sweep_is_collated(smoke_cfg, tmp_path: Path) -> None:
+    """``metabolize.py -m`` through Hydra's launcher: both jobs' folders are found and collated at the end."""
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "metabolize.py", "-m", "metabolize/preset=smoke", f"hydra.sweep.dir={sweep}",
+               f"job.data.cache_dir={smoke_cfg.job.data.cache_dir}", "job.train.threads=1", "generators=[teacher]",
+               "rounds=1", "strategy=adaptive,none"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["strategy"]: row for row in csv.DictReader((sweep / "sweep_summary.csv").open())}
+    assert sorted(rows) == ["adaptive", "none"]
+    for strategy, row in rows.items():
+        history = json.loads((Path(row["run_dir"]) / "rounds.json").read_text())
+        assert Path(row["run_dir"]).parent == sweep and row["run_dir"].endswith(f"_{strategy}_seed0")
+        assert float(row["mean_final"]) == history[-1]["overall"] and row["rounds"] == "1"
+    assert "2 runs." in (sweep / "sweep_summary.md").read_text()
