@@ -109,6 +109,15 @@ def test_bad_pope_lines_name_file_line_and_field(tmp_path: Path, record: dict, f
         pope.load(questions, images)
 
 
+@pytest.mark.parametrize(("module", "name"), [(pope, "POPE"), (vqa, "VQA")])
+def test_question_files_need_an_image_folder_and_a_question(tmp_path: Path, module, name: str) -> None:
+    questions = write_jsonl(tmp_path / "q.jsonl", [])
+    with pytest.raises(FormatError, match=rf"q\.jsonl: {name} needs the image folder"):
+        module.load(questions, None)
+    with pytest.raises(FormatError, match=r"q\.jsonl: no questions in the file"):
+        module.load(questions, tmp_path)
+
+
 def test_invalid_json_line_is_named(tmp_path: Path) -> None:
     questions = tmp_path / "pope.jsonl"
     questions.write_text('{"question_id": 0}\n\n{"question_id": 1,\n', encoding="utf-8")

@@ -82,6 +82,25 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
+def question_records(questions: Path, images: Path | None, benchmark: str) -> Iterator[tuple[int, dict[str, Any], str, Path]]:
+    """(line, record, question id, image path) for every question of a JSONL benchmark file with image paths.
+
+    FormatError when ``images`` is not given, a ``question_id`` (or ``id``) repeats, an image is missing or
+    outside ``images``, or the file has no questions."""
+    if images is None:
+        raise FormatError(questions, None, None, f"{benchmark} needs the image folder (eval.images / --images)")
+    seen: set[str] = set()
+    for line, record in read_jsonl(questions):
+        question_id = str(required(record, ("question_id", "id"), questions, line))
+        if question_id in seen:
+            raise FormatError(questions, line, "question_id", f"{question_id!r} appears twice")
+        seen.add(question_id)
+        yield line, record, question_id, image_in_folder(images, str(required(record, ("image",), questions, line)),
+                                                          questions, line)
+    if not seen:
+        raise FormatError(questions, None, None, "no questions in the file")
+
+
 def required(record: dict[str, Any], names: tuple[str, ...], path: Path, line: int) -> Any:
     """The value of the first of ``names`` present and non-empty in ``record``; FormatError naming them if none."""
     for name in names:

@@ -21,9 +21,8 @@ from vlm_core.eval.formats.common import (
     BenchmarkItem,
     BenchmarkResult,
     FormatError,
-    image_in_folder,
     make_report,
-    read_jsonl,
+    question_records,
     required,
 )
 
@@ -32,25 +31,15 @@ LABELS = ("yes", "no")
 
 def load(questions: Path, images: Path | None) -> list[BenchmarkItem]:
     """The questions of a POPE JSONL file; every image must exist inside ``images``."""
-    if images is None:
-        raise FormatError(questions, None, None, "POPE needs the image folder (eval.images / --images)")
     items: list[BenchmarkItem] = []
-    seen: set[str] = set()
-    for line, record in read_jsonl(questions):
-        question_id = str(required(record, ("question_id", "id"), questions, line))
-        if question_id in seen:
-            raise FormatError(questions, line, "question_id", f"{question_id!r} appears twice")
-        seen.add(question_id)
+    for line, record, question_id, image in question_records(questions, images, "POPE"):
         label = str(required(record, ("label", "answer"), questions, line)).strip().lower()
         if label not in LABELS:
             raise FormatError(questions, line, "label", f"{label!r} is not 'yes' or 'no'")
-        image = image_in_folder(images, str(required(record, ("image",), questions, line)), questions, line)
         items.append(BenchmarkItem(
             id=question_id, question=str(required(record, ("text", "question"), questions, line)).strip(), image=image,
             subset=str(record.get("category") or questions.stem), reference=label, source=f"{questions}:{line}",
         ))
-    if not items:
-        raise FormatError(questions, None, None, "no questions in the file")
     return items
 
 

@@ -22,9 +22,8 @@ from vlm_core.eval.formats.common import (
     BenchmarkItem,
     BenchmarkResult,
     FormatError,
-    image_in_folder,
     make_report,
-    read_jsonl,
+    question_records,
     required,
 )
 
@@ -37,24 +36,15 @@ _PUNCTUATION = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]")  # any punctuation exce
 
 
 def load(questions: Path, images: Path | None) -> list[BenchmarkItem]:
-    if images is None:
-        raise FormatError(questions, None, None, "VQA needs the image folder (eval.images / --images)")
-    items: list[BenchmarkItem] = []
-    seen: set[str] = set()
-    for line, record in read_jsonl(questions):
-        question_id = str(required(record, ("question_id", "id"), questions, line))
-        if question_id in seen:
-            raise FormatError(questions, line, "question_id", f"{question_id!r} appears twice")
-        seen.add(question_id)
-        items.append(BenchmarkItem(
-            id=question_id, question=str(required(record, ("question", "text"), questions, line)).strip(),
-            image=image_in_folder(images, str(required(record, ("image",), questions, line)), questions, line),
+    """The questions of a VQA JSONL file; every image must exist inside ``images``."""
+    return [
+        BenchmarkItem(
+            id=question_id, question=str(required(record, ("question", "text"), questions, line)).strip(), image=image,
             subset=str(record.get("category") or record.get("question_type") or "all"),
             reference=_references(record, questions, line), source=f"{questions}:{line}",
-        ))
-    if not items:
-        raise FormatError(questions, None, None, "no questions in the file")
-    return items
+        )
+        for line, record, question_id, image in question_records(questions, images, "VQA")
+    ]
 
 
 def _references(record: dict[str, Any], path: Path, line: int) -> list[str]:
