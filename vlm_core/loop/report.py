@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_core.train.checkpoint import atomic_write_text
-from vlm_core.train.sweep import FAILED_FILE
+from vlm_core.train.sweep import failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,9 @@ def collate(run_dirs: Sequence[Path], out: Path, title: str = "Sweep summary") -
         history = json.loads(path.read_text()) if path.is_file() else []
         if history:
             rows.append({"run_dir": str(run_dir), **summary_row(history)})
-        elif (run_dir / FAILED_FILE).is_file():
-            missing.append((str(run_dir), f"failed: {(run_dir / FAILED_FILE).read_text().strip()}"))
         else:
-            missing.append((str(run_dir), "no round finished (no rounds.json): killed, still running or failed"))
+            missing.append((str(run_dir), failure_reason(run_dir, "no round finished (no rounds.json): killed, "
+                                                                  "still running or failed")))
     out.mkdir(parents=True, exist_ok=True)
     columns = sorted({key for row in rows for key in row}, key=lambda k: (k.startswith("final_"), k != "strategy", k))
     buffer = io.StringIO()

@@ -34,7 +34,9 @@ import yaml
 
 from vlm_core.train.checkpoint import atomic_write_text
 
-__all__ = ["FAILED_FILE", "SEED_KEYS", "JobResult", "collate_sweep", "group_jobs", "read_job", "sweep_jobs"]
+__all__ = [
+    "FAILED_FILE", "SEED_KEYS", "JobResult", "collate_sweep", "failure_reason", "group_jobs", "read_job", "sweep_jobs",
+]
 
 SEED_KEYS = ("train.seed", "seed")  # overrides that make replicates rather than different configurations
 FAILED_FILE = "job_failed.txt"  # written into a job folder by the callback when the job raised
@@ -127,9 +129,8 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
         return JobResult(name, {}, problem=f"unreadable .hydra/overrides.yaml: {error}")
     job.loss, job.step = _last_loss(job_dir / "metrics.jsonl")
     eval_path = job_dir / "eval.json"
-    failed = job_dir / FAILED_FILE
     if not eval_path.is_file():
-        job.problem = f"failed: {failed.read_text(encoding='utf-8').strip()}" if failed.is_file() else NO_EVAL
+        job.problem = failure_reason(job_dir, NO_EVAL)
         return job
     try:
         report = json.loads(eval_path.read_text(encoding="utf-8"))
@@ -140,6 +141,12 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
         job.overall, job.skills, job.chance = None, {}, {}
         job.problem = f"eval.json unreadable ({type(error).__name__}: {error})"
     return job
+
+
+def failure_reason(job_dir: Path, otherwise: str) -> str:
+    """"failed: <error>" from the job's ``job_failed.txt`` (the callback's record), else ``otherwise``."""
+    failed = Path(job_dir) / FAILED_FILE
+    return f"failed: {failed.read_text(encoding='utf-8').strip()}" if failed.is_file() else otherwise
 
 
 def _last_loss(path: Path) -> tuple[float | None, int | None]:

@@ -82,7 +82,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
-def question_records(questions: Path, images: Path | None, benchmark: str) -> Iterator[tuple[int, dict[str, Any], str, Path]]:
+def question_records(
+    questions: Path, images: Path | None, benchmark: str
+) -> Iterator[tuple[int, dict[str, Any], str, Path]]:
     """(line, record, question id, image path) for every question of a JSONL benchmark file with image paths.
 
     FormatError when ``images`` is not given, a ``question_id`` (or ``id``) repeats, an image is missing or
