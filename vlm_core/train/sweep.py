@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -79,23 +80,13 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
-    found = sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml"))
+    found = [p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")]
     return sorted(found, key=lambda p: _natural(str(p.relative_to(sweep_dir))))
 
 
-def _natural(text: str) -> tuple[Any, ...]:
+def _natural(text: str) -> tuple[tuple[int, Any], ...]:
     """Sort key that puts job 10 after job 9: digit runs compare as numbers."""
-    parts: list[Any] = []
-    number = ""
-    for char in text + "\0":
-        if char.isdigit():
-            number += char
-            continue
-        if number:
-            parts.append((0, int(number)))
-            number = ""
-        parts.append((1, char))
-    return tuple(parts)
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part)
 
 
 def _value_key(value: str) -> tuple[Any, ...]:
