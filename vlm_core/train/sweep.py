@@ -220,7 +220,7 @@ def render_markdown(title: str, jobs: Sequence[JobResult], groups: Sequence[Grou
         for group in groups:
             scored = len(group.scores("overall"))
             count = f"{scored}" if scored == len(group.jobs) else f"{scored} of {len(group.jobs)}"
-            cells = [*(group.values.values() if names else ["all jobs"]), count,
+            cells = [*(group.values.values() or [group.label]), count,
                      *(_mean_std(group.scores(metric)) for metric in ["overall", *skills])]
             lines.append(_md_row(cells))
     if image:
@@ -256,7 +256,7 @@ def plot_heatmap(path: Path, groups: Sequence[Group], skills: Sequence[str]) -> 
     import matplotlib.pyplot as plt
 
     columns = [*skills, "overall"]
-    grid = [[statistics.fmean(g.scores(c)) if g.scores(c) else math.nan for c in columns] for g in rows]
+    grid = [[statistics.fmean(scores) if (scores := g.scores(c)) else math.nan for c in columns] for g in rows]
     labels = [f"{g.label} (n={len(g.scores('overall'))})" for g in rows]
     width = 2.5 + 0.75 * len(columns) + 0.065 * max(len(label) for label in labels)
     fig, ax = plt.subplots(figsize=(width, 1.6 + 0.45 * len(rows)))
