@@ -34,8 +34,9 @@ peak allocated during one call, above what was allocated before it (inputs, bloc
 GPU:   python benchmarks/bench_packed_attention.py
 CPU:   python benchmarks/bench_packed_attention.py --smoke   (tiny sizes; reference, sdpa, flex, and ours
        when TRITON_INTERPRET=1 makes Triton's interpreter available; seconds)
-Results go to benchmarks/results/packed_attention_<device>.{md,csv,png}; the header records the device,
-date, commit, library versions and the exact command, and the issue's targets are judged below the table.
+Results go to benchmarks/results/packed_attention_<device>[_dh<dims>].{md,csv,png} (the suffix unless Dh is
+128 alone); the header records the device, date, commit, library versions and the exact command, and the
+issue's targets are judged below the table. The figures are also printed to stderr as each case ends.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import git_commit  # kernel_bench and bench_train import it from here
-from benchmarks.report import write_tables
+from benchmarks.report import echo_rows, write_tables
 from vlm_core.kernels import (
     _check_packed_attention_inputs,
     _triton_module,
@@ -404,6 +405,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def default_stem(device: torch.device, head_dims: list[int], smoke: bool) -> str:
+    """packed_attention_<device>, with _dh<dims> unless the head dims are the targets' 128 alone: runs at
+    other head dims on the same device must not replace the Dh-128 tables (on 2026-11-24 one did)."""
+    if smoke:
+        return "packed_attention_smoke_cpu"
+    stem = "packed_attention_" + device_name(device).lower().replace(" ", "-").replace("/", "-")
+    return stem if head_dims == [128] else stem + "_dh" + "-".join(str(d) for d in head_dims)
+
+
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     args = parse_args(argv)
     device, dtype = args.device, DTYPES[args.dtype]
@@ -420,10 +430,9 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         f"times: medians ({'do_bench' if device.type == 'cuda' else f'{reps} reps after {warmup} warmup'})",
         "FLOPs: 4 * Hq * Dh * allowed pairs (forward), x2.5 backward, x3.5 full; x vs ours = ms / ms(ours)",
     ]
-    stem = args.stem or ("packed_attention_smoke_cpu" if args.smoke else
-                         "packed_attention_" + device_name(device).lower().replace(" ", "-").replace("/", "-"))
+    stem = args.stem or default_stem(device, args.head_dims, args.smoke)
     rows: list[dict] = []
-    paths = write_tables(TITLE, rows, header, args.out_dir, stem, COLUMNS)
+    paths = (args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.csv")
     for workload in args.workloads:
         for total in args.totals:
             for heads in args.heads:
@@ -433,9 +442,11 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                     case = setup(workload, total, heads, head_dim, dtype, device, shape, args.seed)
                     _check_packed_attention_inputs(case.q, case.k, case.v, case.cu_seqlens, case.max_seqlen,
                                                    case.bidir_group, None)  # the contract every provider assumes
-                    rows += run_case(case, args, warmup, reps)
-                    paths = write_tables(TITLE, rows, header, args.out_dir, stem, COLUMNS)  # partial results survive a timeout
-                    print(f"{workload} total={total} heads={heads} Dh={head_dim}: done", file=sys.stderr)
+                    new_rows = run_case(case, args, warmup, reps)
+                    rows += new_rows
+                    # after every case, so a run cut short leaves what it finished; never before the first
+                    paths = write_tables(TITLE, rows, header, args.out_dir, stem, COLUMNS)
+                    echo_rows(new_rows, f"{workload} total={total} heads={heads} Dh={head_dim}: done")
     print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return paths
 

@@ -29,7 +29,7 @@ from benchmarks.bench_packed_attention import (
     peak_mib,
     versions,
 )
-from benchmarks.report import write_tables
+from benchmarks.report import echo_rows, write_tables
 
 MODES = ("forward", "backward", "full")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -197,13 +197,16 @@ def main_loop(title, script, workloads, providers, args, argv, extra_header, ste
     stem = args.stem or (f"{stem_base}_smoke_cpu" if args.smoke else
                          f"{stem_base}_" + device_name(device).lower().replace(" ", "-").replace("/", "-"))
     rows: list[dict] = []
-    paths = write_tables(title, rows, lines, args.out_dir, stem)
+    paths = (args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.csv")
     for make_workload in workloads:
         if device.type == "cuda":
             torch._dynamo.reset()
         workload = make_workload()
-        rows += run_workload(workload, providers(workload), args.modes, device, warmup, reps, args)
-        paths = write_tables(title, rows, lines, args.out_dir, stem)  # partial results survive a timeout
-        print(f"{workload.columns}: done", file=sys.stderr)
+        new_rows = run_workload(workload, providers(workload), args.modes, device, warmup, reps, args)
+        rows += new_rows
+        # after every workload, so a run cut short leaves what it finished; never before the first, so a
+        # run cut before any figure leaves an earlier run's tables of the same name as they were
+        paths = write_tables(title, rows, lines, args.out_dir, stem)
+        echo_rows(new_rows, f"{workload.columns}: done")
     print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return paths

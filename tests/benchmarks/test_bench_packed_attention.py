@@ -90,3 +90,27 @@ def test_llava_rows_hold_several_images_per_sample():
     assert any(segment_of.count(s) >= 2 for s in set(segment_of)), "no sample with two or more images"
     for (start, n), segment in zip(images, segment_of):
         assert start + n <= starts[segment + 1], "an image crosses a segment boundary"
+
+
+def test_runs_at_other_head_dims_get_tables_of_their_own(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda")
+    names = {tuple(dims): bench.default_stem(gpu, dims, smoke=False) for dims in ([128], [64], [64, 128])}
+    assert len(set(names.values())) == 3
+    assert names[(64,)].endswith("_dh64") and names[(64, 128)].endswith("_dh64-128")
+    assert names[(128,)] == "packed_attention_nvidia-h100-80gb-hbm3"  # the targets' tables keep their name
+
+
+def test_a_run_cut_before_its_first_case_leaves_earlier_tables_alone(tmp_path, monkeypatch):
+    """The 2026-11-24 H100 run at Dh 64, cut by its time limit, replaced the Dh-128 table with an empty one."""
+    earlier = tmp_path / "packed_attention_smoke_cpu.md"
+    earlier.write_text("an earlier run's table\n")
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt  # what `timeout --signal=INT` delivers
+
+    monkeypatch.setattr(bench, "run_case", cut)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--smoke", "--providers", "reference", "--out-dir", str(tmp_path)])
+    assert earlier.read_text() == "an earlier run's table\n"
+    assert not (tmp_path / "packed_attention_smoke_cpu.csv").exists()

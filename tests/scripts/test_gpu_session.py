@@ -102,12 +102,13 @@ def test_check_stage_builds_the_extension_and_collects_the_kernel_tests(copy):
     proc = _stage(copy, "check", PYTEST_ADDOPTS="-p no:hydra_pytest --collect-only")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (copy / "out" / "check.log").read_text()
-    assert log.count(": exit 0") == 4, log  # versions, build-ext, kernel-tests, kernel-tests-autotuned
+    assert log.count(": exit 0") == 5, log  # versions, build-ext, ext-tests, kernel-tests, kernel-tests-autotuned
     assert "env VLM_TRITON_AUTOTUNE=first" in log and "-m gpu" in log
     gpu_only = re.search(r"^(\d+)/\d+ tests collected \((\d+) deselected\)", log, re.MULTILINE)
     assert gpu_only and int(gpu_only.group(1)) >= 20, log  # the real-size tests, marked by requires_cuda
-    summary = re.search(r"^(\d+) tests collected in ", log, re.MULTILINE)  # with collection errors: "N errors"
-    assert summary and int(summary.group(1)) > 300, log
+    # with collection errors: "N errors"; the extension's tests are collected by a pytest of their own
+    counts = [int(n) for n in re.findall(r"^(\d+) tests collected in ", log, re.MULTILINE)]
+    assert len(counts) == 2 and min(counts) >= 20 and sum(counts) > 300, log
 
 
 def test_train_stage_runs_bench_train_without_hydra_or_megatron(copy):
@@ -153,10 +154,12 @@ def test_without_carried_hydra_the_e2e_stage_fails_where_the_gpu_image_would(cop
     assert "== train-small: exit 1" in log and "hydra is not on the GPU image" in log, log
 
 
-def test_attention_stage_runs_its_smoke_benchmark(copy):
-    proc = _stage(copy, "attention")
+@pytest.mark.parametrize("stage, step", [("attention", "attention"), ("attention64", "attention-dh64")])
+def test_attention_stages_run_their_smoke_benchmark(copy, stage, step):
+    proc = _stage(copy, stage)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "== attention: exit 0" in (copy / "out" / "attention.log").read_text()
+    log = (copy / "out" / f"{stage}.log").read_text()
+    assert f"== {step}: exit 0" in log and "  ours full: ms " in log, log  # the figures are in the log too
 
 
 @pytest.mark.parametrize("module", ["omegaconf", "megatron.core", "faiss"])
@@ -179,7 +182,7 @@ def test_a_spent_budget_skips_the_steps_and_still_archives_the_log(copy):
 
 def test_an_unknown_stage_is_refused(copy):
     proc = _stage(copy, "everything")
-    assert proc.returncode == 2 and "usage: bash scripts/gpu_session.sh check|attention|fused|train" in proc.stderr
+    assert proc.returncode == 2 and "usage: bash scripts/gpu_session.sh check|attention|attention64|fused|train" in proc.stderr
 
 
 def test_e2e_small_run_is_the_small_run_of_the_train_tests():
