@@ -163,8 +163,8 @@ def _matmul_kernel(
             if NORM_HAS_BIAS:
                 normed += tl.load(NormB + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             a = _cast(normed, B.dtype.element_ty, INTERPRET_BF16)
-        elif A.dtype.element_ty != B.dtype.element_ty:  # float32 d embeds against half operands
-            a = _cast(a.to(tl.float32), B.dtype.element_ty, INTERPRET_BF16)
+        elif not NORM_B and A.dtype.element_ty != B.dtype.element_ty:  # float32 d embeds against half operands
+            a = _cast(a.to(tl.float32), B.dtype.element_ty, INTERPRET_BF16)  # (NORM_B already rounded b to A's)
         acc = _dot(a, b, acc, DOT_PRECISION, INTERPRET_BF16)
 
     mask = m_ok[:, None] & n_ok[None, :]

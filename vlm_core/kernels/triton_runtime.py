@@ -185,7 +185,9 @@ def interpret_bf16(dtype: torch.dtype) -> bool:
 
 
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """a @ b (+ acc) with float32 accumulation."""
+    """a @ b (+ acc) with float32 accumulation. The operands must share a dtype, as tl.dot requires on the
+    GPU; checked here too because the interpreter's upcast below would hide a mismatch on the CPU."""
+    tl.static_assert(a.dtype == b.dtype, "_dot: the operands' dtypes differ")
     if INTERPRET_BF16:
         # Triton's interpreter (<= 3.8) multiplies the raw bits of bfloat16 operands as integers.
         # Products of two bfloat16 values are exact in float32, so upcasting first gives what
