@@ -23,8 +23,9 @@
 # benchmark results it produced (benchmarks/results/*, with device, date, commit and versions) into one archive,
 # $OUT/<stage>.tar.gz (the device tool returns at most 8 files), and stops its own work before `STAGE_BUDGET_S`
 # (default 540 s) so that what finished still comes back. GPU_SESSION_SMOKE=1 runs the same plumbing on a CPU
-# with the benchmarks' --smoke sizes (tests/scripts/test_gpu_session.py). None of it has run on a GPU yet;
-# on the 2-core CPU, `check` took 42 s (258 kernel tests passed in the interpreter, 52 skipped).
+# with the benchmarks' --smoke sizes (tests/scripts/test_gpu_session.py). First run on an H100 on 2026-11-24
+# (benchmarks/results/gpu_session_h100_2026-11-24.md): check 415 s (cut), attention 447 s at Dh 128, fused
+# 237 s, train 132 s; e2e not yet run. On the 2-core CPU, `check` took 42 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,8 +86,9 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
     # timing: hundreds of test shapes would otherwise each compile and time ~10 configs); then the real-size
     # tests (marked gpu) again with full autotuning, so that the configs training would pick are checked too.
     # The extension's tests in a process of their own: on 2026-11-24 one segfaulted there and took the
-    # Triton kernels' tests after it down with it.
-    run ext-tests "$py" -m pytest -q -p no:cacheprovider --junitxml="$out/junit-ext.xml" \
+    # Triton kernels' tests after it down with it (-v: each test's name is logged before it runs, so a
+    # crash names its test).
+    run ext-tests "$py" -m pytest -v -p no:cacheprovider --junitxml="$out/junit-ext.xml" \
         tests/vlm_core/kernels/test_ext.py
     run kernel-tests env VLM_TRITON_AUTOTUNE=first "$py" -m pytest -q -p no:cacheprovider \
         --junitxml="$out/junit-kernels.xml" --ignore=tests/vlm_core/kernels/test_ext.py tests/vlm_core/kernels \
