@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     dtype = DTYPES[args.dtype]
     workloads = [lambda n=n: setup(n, dim, vocab, dtype, args.device, args.seed) for n in tokens]
     extra = ["FLOPs: 2 N D V forward, 4 N D V backward, 6 N D V full; 10% of labels ignored",
-             "ours: default chunk (~1 GiB of logits), d weight accumulated in float32"]  # fmt: skip
+             "ours: default chunk (~1 GiB of logits), d weight accumulated in float32",
+             "ours computes both gradients in its forward: its backward row only scales them; compare full"]  # fmt: skip
     return main_loop("Linear + cross-entropy benchmark", "bench_linear_cross_entropy.py", workloads, providers, args,
                      argv, extra, "linear_cross_entropy")  # fmt: skip
 
