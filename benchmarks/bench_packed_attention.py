@@ -7,7 +7,10 @@ FlashAttention kernels (torch's varlen_attn, flash-attn 2 and 4) can serve. The 
 slots are padding segments, as the project's packer makes them.
 
 Providers (each skipped, with the reason in the table, where it cannot run):
-    ours                vlm_core.kernels.packed_attention_triton (Triton, forward and backward)
+    ours                vlm_core.kernels.packed_attention_triton (Triton, forward and backward); its attention
+                        windows are built on the first call and reused for the same packing tensors, as a
+                        model's layers reuse them (before 2026-11-24 every call rebuilt them, with a host
+                        sync: the H100 figures of that day include that cost)
     reference           the plain-PyTorch specification (only up to --reference-max-total tokens)
     reference_compiled  torch.compile of the reference (same limit)
     sdpa                F.scaled_dot_product_attention with a dense boolean mask (per-segment padded

@@ -39,6 +39,7 @@ from vlm_core.kernels.attention_torch import (
     packed_attention_sdpa,
     packed_attention_varlen,
 )
+from vlm_core.kernels.packing_memo import LastPacking
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,25 @@ CAUSAL_ONLY_IMPLS: tuple[str, ...] = ("varlen", "flash_attn")  # cannot express 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> bool:
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(
+            f"packed_attention: cu_seqlens must start at 0 and end at total={total}, "
+            f"got cu_seqlens[0]={bounds[0]}, cu_seqlens[-1]={bounds[-1]}"
+        )
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    if min(lengths) < 0:
+        at = lengths.index(min(lengths))
+        raise ValueError(f"packed_attention: cu_seqlens decreases at index {at} ({bounds[at]} -> {bounds[at + 1]})")
+    if max_seqlen < max(lengths):
+        raise ValueError(f"packed_attention: max_seqlen={max_seqlen!r} must be an int >= the longest segment ({max(lengths)})")
+    return True
+
+
+_checked_cu_seqlens: LastPacking[bool] = LastPacking()
+
+
 def _check_packed_attention_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -107,7 +127,8 @@ def _check_packed_attention_inputs(
 ) -> None:
     """Raise ValueError on anything that breaks the contract of :func:`packed_attention`.
 
-    The value checks on ``cu_seqlens`` read it on the host (one device sync per call).
+    The value checks on ``cu_seqlens`` read it on the host: one device sync for the first call on a
+    cu_seqlens tensor, none for the calls that follow on the same unchanged tensor (a model's other layers).
     """
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
@@ -144,18 +165,11 @@ def _check_packed_attention_inputs(
         )
     if cu_seqlens.numel() < 2:
         raise ValueError(f"packed_attention: cu_seqlens needs at least 2 entries (one segment), got {cu_seqlens.numel()}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(
-            f"packed_attention: cu_seqlens must start at 0 and end at total={total}, "
-            f"got cu_seqlens[0]={bounds[0]}, cu_seqlens[-1]={bounds[-1]}"
-        )
-    lengths = [b - a for a, b in itertools.pairwise(bounds)]
-    if min(lengths) < 0:
-        at = lengths.index(min(lengths))
-        raise ValueError(f"packed_attention: cu_seqlens decreases at index {at} ({bounds[at]} -> {bounds[at + 1]})")
-    if not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
-        raise ValueError(f"packed_attention: max_seqlen={max_seqlen!r} must be an int >= the longest segment ({max(lengths)})")
+    if not isinstance(max_seqlen, int):
+        raise ValueError(f"packed_attention: max_seqlen={max_seqlen!r} must be an int >= the longest segment")
+    # the one host read: once per batch, not per layer (see packing_memo.py)
+    _checked_cu_seqlens.get(cu_seqlens, None, (total, max_seqlen),
+                            lambda: _check_cu_seqlens_values(cu_seqlens, total, max_seqlen))  # fmt: skip
     if bidir_group is not None:
         if bidir_group.dim() != 1 or bidir_group.dtype != torch.int32 or bidir_group.numel() != total:
             raise ValueError(

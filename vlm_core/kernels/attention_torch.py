@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ from vlm_core.kernels.attention_reference import (
     packed_attention_mask,
     segment_ids,
 )
+from vlm_core.kernels.packing_memo import LastPacking
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -172,32 +172,7 @@ def build_flex_block_mask(cu_seqlens: torch.Tensor, bidir_group: torch.Tensor | 
     return create(mask_mod, 1, None, total, total, device=cu_seqlens.device)
 
 
-class _LastBlockMask:
-    """The block mask of the last (cu_seqlens, bidir_group) pair seen, so the layers of one forward
-    pass build it once. Keyed on the tensors' identity (weak references, so a new tensor at a
-    recycled address never matches) and their in-place version counters."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._refs: tuple = ()
-        self._mask: Any = None
-
-    def get(self, cu_seqlens: torch.Tensor, bidir_group: torch.Tensor | None, total: int) -> Any:
-        tensors = (cu_seqlens, bidir_group)
-        key = (total, tuple(t._version if t is not None else None for t in tensors))
-        same = (
-            self._key == key
-            and len(self._refs) == 2
-            and all((ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(self._refs, tensors))
-        )
-        if not same:
-            self._mask = build_flex_block_mask(cu_seqlens, bidir_group, total)
-            self._key = key
-            self._refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
-        return self._mask
-
-
-_last_block_mask = _LastBlockMask()
+_last_block_mask: LastPacking[Any] = LastPacking()  # the layers of one forward pass build it once
 
 
 def flex_attention_packed(
@@ -248,7 +223,10 @@ def packed_attention_flex(
     Limits: CUDA (compiled, forward and backward; dtypes and head dims as FlexAttention's Triton
     templates take them), or CPU eager forward only (RuntimeError if an input requires grad).
     """
-    block_mask = _last_block_mask.get(cu_seqlens, bidir_group, q.shape[0])
+    total = q.shape[0]
+    block_mask = _last_block_mask.get(
+        cu_seqlens, bidir_group, (total,), lambda: build_flex_block_mask(cu_seqlens, bidir_group, total)
+    )
     return flex_attention_packed(q, k, v, block_mask, softmax_scale)
 
 

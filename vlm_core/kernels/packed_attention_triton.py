@@ -25,11 +25,13 @@ from vlm_core.kernels.packed_attention_windows import (
     AttentionWindows,
     packed_attention_windows,
 )
+from vlm_core.kernels.packing_memo import LastPacking
 from vlm_core.kernels.triton_runtime import check_can_run, check_dtype, triton_status
 from vlm_core.kernels.triton_runtime import interpreting as _interpreting
 
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
 _LOG2_E = 1.4426950408889634  # scores are kept in log2 units, so the kernels use exp2
+_last_windows: LastPacking[AttentionWindows] = LastPacking()  # the windows of the last batch seen
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +209,8 @@ def packed_attention_triton(
     (Triton's interpreter; slow). Scores, softmax and accumulators are float32; P and dS are
     rounded to the input dtype before their matrix products, as in flash-attention.
     Inputs are assumed valid otherwise: call it through ``vlm_core.kernels.packed_attention``.
-    Computing the windows syncs the host once per call.
+    Computing the windows syncs the host once per batch: the layers after the first reuse them
+    (vlm_core/kernels/packing_memo.py).
 
     Tested in tests/vlm_core/kernels/test_packed_attention_triton.py against the reference:
     float32, bfloat16 and float16 with Dh 16, 24, 32, 64 in Triton 3.7's interpreter on the CPU,
@@ -218,7 +221,9 @@ def packed_attention_triton(
     _check_kernel_limits(q, k)
     total, _, head_dim = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    windows = packed_attention_windows(cu_seqlens, bidir_group, total)
+    windows = _last_windows.get(  # once per batch: a model's layers share cu_seqlens and bidir_group
+        cu_seqlens, bidir_group, (total,), lambda: packed_attention_windows(cu_seqlens, bidir_group, total)
+    )
     return _PackedAttentionFunction.apply(
         q.contiguous(),
         k.contiguous(),

@@ -196,15 +196,20 @@ def test_flex_mask_mod_is_the_contract():
     assert torch.equal(text_only, kernels.packed_attention_mask(cu_seqlens, None, total))
 
 
-def test_flex_reuses_the_block_mask_only_for_the_same_tensors():
-    from vlm_core.kernels.attention_torch import _last_block_mask
+def test_flex_builds_the_block_mask_once_for_the_layers_of_a_batch(monkeypatch):
+    from vlm_core.kernels import attention_torch
 
-    cu_seqlens, groups, _ = build_layout(LAYOUTS["len113_image_middle"])
-    first = _last_block_mask.get(cu_seqlens, groups, groups.numel())
-    assert _last_block_mask.get(cu_seqlens, groups, groups.numel()) is first
-    groups[0] = 7  # in place: a different mask
-    assert _last_block_mask.get(cu_seqlens, groups, groups.numel()) is not first
-    assert _last_block_mask.get(cu_seqlens, groups.clone(), groups.numel()) is not first
+    built = []
+    real = attention_torch.build_flex_block_mask
+    monkeypatch.setattr(attention_torch, "build_flex_block_mask", lambda *a: built.append(a) or real(*a))
+    attention_torch._last_block_mask.clear()
+    cu_seqlens, groups, max_seqlen = build_layout(LAYOUTS["len113_image_middle"])
+    (q, k, v), _ = random_inputs("flex-memo", groups.numel(), (4, 2), 16, "cpu")
+    with torch.no_grad():
+        outs = [attention_torch.packed_attention_flex(q, k, v, cu_seqlens, max_seqlen, groups) for _ in range(3)]
+        assert len(built) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+        attention_torch.packed_attention_flex(q, k, v, cu_seqlens, max_seqlen, groups.clone())  # another batch
+    assert len(built) == 2
 
 
 @pytest.mark.parametrize("layout_name", ["len113_image_middle", "mixed_batch"])

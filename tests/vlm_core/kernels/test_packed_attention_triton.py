@@ -405,3 +405,37 @@ def test_dispatcher_runs_the_kernel():
     got = packed_attention(**inputs, impl="triton")
     want = packed_attention_triton(**inputs)
     assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_the_layers_of_a_batch_read_cu_seqlens_and_build_windows_once(monkeypatch):
+    """A model's layers pass the same cu_seqlens and bidir_group: one host read of cu_seqlens and one
+    windows build (with its sync) for the batch, not per layer; a new batch builds again, and the
+    gradients of every call are the ones the kernel computes from fresh windows."""
+    from vlm_core import kernels
+    from vlm_core.kernels import packed_attention_triton as module
+
+    checks, builds = [], []
+    real_check, real_windows = kernels._check_cu_seqlens_values, module.packed_attention_windows
+    monkeypatch.setattr(kernels, "_check_cu_seqlens_values", lambda *a: checks.append(1) or real_check(*a))
+    monkeypatch.setattr(module, "packed_attention_windows", lambda *a: builds.append(1) or real_windows(*a))
+    kernels._checked_cu_seqlens.clear()
+    module._last_windows.clear()
+    cu_seqlens, groups = build_layout(CPU_LAYOUTS["mixed_batch"], DEVICE)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    q, k, v, grad_out = random_inputs(groups.numel(), (4, 2), 16, torch.float32, "memo", DEVICE)
+    layers = []
+    for _ in range(3):  # three layers of one forward pass
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        out = packed_attention(*leaves, cu_seqlens, max_seqlen, groups, impl="triton")
+        out.backward(grad_out)
+        layers.append([out.detach()] + [leaf.grad for leaf in leaves])
+    assert len(checks) == 1 and len(builds) == 1
+    fresh = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    module._last_windows.clear()
+    packed_attention_triton(*fresh, cu_seqlens, max_seqlen, groups).backward(grad_out)
+    for layer in layers:
+        assert all(torch.equal(a, b) for a, b in zip(layer[1:], [x.grad for x in fresh]))
+    assert len(builds) == 2  # the fresh run's
+    packed_attention(q, k, v, cu_seqlens, max_seqlen, groups.clone(), impl="triton")  # the next batch
+    assert len(checks) == 1 and len(builds) == 3  # cu_seqlens unchanged: its check still holds
