@@ -370,6 +370,11 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def device_slug(device: torch.device) -> str:
+    """The device's name as results' file names carry it: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return device_name(device).lower().replace(" ", "-").replace("/", "-")
+
+
 TITLE = "Packed attention benchmark"
 COLUMNS = ["workload", "total", "segments", "images", "Hq", "Hkv", "Dh", "dtype", "mode", "provider", "ms",
            "TFLOP/s", "x vs ours", "peak MiB", "max |out - first|", "note"]
@@ -413,7 +418,7 @@ def default_stem(device: torch.device, head_dims: list[int], smoke: bool) -> str
     other head dims on the same device must not replace the Dh-128 tables (on 2026-11-24 one did)."""
     if smoke:
         return "packed_attention_smoke_cpu"
-    stem = "packed_attention_" + device_name(device).lower().replace(" ", "-").replace("/", "-")
+    stem = "packed_attention_" + device_slug(device)
     return stem if head_dims == [128] else stem + "_dh" + "-".join(str(d) for d in head_dims)
 
 

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.bench_packed_attention import (
     device_name,
+    device_slug,
     git_commit,
     median_ms,
     peak_mib,
@@ -195,7 +196,7 @@ def main_loop(title, script, workloads, providers, args, argv, extra_header, ste
     command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = header(device, command, extra_header, warmup, reps)
     stem = args.stem or (f"{stem_base}_smoke_cpu" if args.smoke else
-                         f"{stem_base}_" + device_name(device).lower().replace(" ", "-").replace("/", "-"))
+                         f"{stem_base}_{device_slug(device)}")
     rows: list[dict] = []
     paths = (args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.csv")
     for make_workload in workloads:

@@ -65,6 +65,9 @@ def write_tables(title: str, rows: list[dict], header: list[str], out_dir: Path,
     return md_path, csv_path
 
 
+ECHOED = ("ms", "TFLOP/s", "GB/s", "peak MiB", "x vs ours", "peak / eager", "note")  # the cells echo_rows prints
+
+
 def echo_rows(rows: list[dict], done: str) -> None:
     """Print a configuration's figures to stderr as they are measured, so a log holds them even where the
     tables do not come back: provider, mode, then the measured cells (ms, rates, ratios, notes)."""
@@ -72,9 +75,6 @@ def echo_rows(rows: list[dict], done: str) -> None:
         cells = [f"{key} {value}" for key, value in row.items() if key in ECHOED and value != ""]
         print(f"  {row.get('provider', '')} {row.get('mode', '')}: " + ", ".join(cells), file=sys.stderr)
     print(done, file=sys.stderr)
-
-
-ECHOED = ("ms", "TFLOP/s", "GB/s", "peak MiB", "x vs ours", "peak / eager", "note")
 
 
 def _md_row(cells) -> str:
