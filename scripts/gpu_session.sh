@@ -88,6 +88,7 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
     # The extension's tests in a process of their own: on 2026-11-24 one segfaulted there and took the
     # Triton kernels' tests after it down with it (-v: each test's name is logged before it runs, so a
     # crash names its test).
+    run ext-probe "$py" scripts/ext_probe.py # which calls crash: ours valid, ours raising, libtorch raising
     run ext-tests "$py" -m pytest -v -p no:cacheprovider --junitxml="$out/junit-ext.xml" \
         tests/vlm_core/kernels/test_ext.py
     run kernel-tests env VLM_TRITON_AUTOTUNE=first "$py" -m pytest -q -p no:cacheprovider \
