@@ -36,8 +36,11 @@ PROBES = {
 def toolchain() -> list[str]:
     lines = [f"CXX={os.environ.get('CXX', '(unset)')}"]
     compiler = os.environ.get("CXX") or shutil.which("c++") or "c++"
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
-    lines.append(f"{compiler}: {(version.stdout or version.stderr).splitlines()[0] if version.returncode == 0 else 'not runnable'}")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        lines.append(f"{compiler}: {version.splitlines()[0]}")
+    except (OSError, subprocess.CalledProcessError) as error:
+        lines.append(f"{compiler}: not runnable ({error})")
     library = next(iter((ROOT / "vlm_core").glob("_ext*.so")), None)
     if library is None:
         return lines + ["vlm_core/_ext*.so: not built"]
