@@ -85,10 +85,10 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
     # Every kernel test, each autotuned kernel narrowed to its first config (one compile per shape class, no
     # timing: hundreds of test shapes would otherwise each compile and time ~10 configs); then the real-size
     # tests (marked gpu) again with full autotuning, so that the configs training would pick are checked too.
+    run ext-probe "$py" scripts/ext_probe.py # which calls crash: ours valid, ours raising, libtorch raising
     # The extension's tests in a process of their own: on 2026-11-24 one segfaulted there and took the
     # Triton kernels' tests after it down with it (-v: each test's name is logged before it runs, so a
     # crash names its test).
-    run ext-probe "$py" scripts/ext_probe.py # which calls crash: ours valid, ours raising, libtorch raising
     run ext-tests "$py" -m pytest -v -p no:cacheprovider --junitxml="$out/junit-ext.xml" \
         tests/vlm_core/kernels/test_ext.py
     run kernel-tests env VLM_TRITON_AUTOTUNE=first "$py" -m pytest -q -p no:cacheprovider \

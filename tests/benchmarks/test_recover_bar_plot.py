@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.recover_bar_plot import CONFIGS, PROVIDERS, read_panels
+from benchmarks.bench_packed_attention import PROVIDERS
+from benchmarks.recover_bar_plot import CONFIGS, read_panels
 from benchmarks.report import write_tables
 
 
