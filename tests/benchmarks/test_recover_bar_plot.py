@@ -59,3 +59,20 @@ def test_a_png_without_axes_is_refused(tmp_path):
     Image.new("RGB", (200, 100), "white").save(blank)
     with pytest.raises(ValueError, match="no axes frames"):
         read_panels(blank)
+
+
+def test_rerunning_the_recovery_keeps_the_notes_written_below_the_table(tmp_path, monkeypatch):
+    import shutil
+
+    from benchmarks import recover_bar_plot as recover
+
+    png = tmp_path / recover.PNG.name
+    shutil.copy(recover.PNG, png)
+    monkeypatch.setattr(recover, "PNG", png)
+    md = tmp_path / f"{recover.STEM}.md"
+    recover.main()
+    md.write_text(md.read_text() + "\n## Written by hand\n\nkept\n")
+    recover.main()
+    text = md.read_text()
+    assert text.endswith("<!-- benchmarks/report.py: end -->\n\n## Written by hand\n\nkept\n")
+    assert text.count("## Written by hand") == 1 and "| llava | 16384 | 32 | 8 | 128 | bf16 | full | ours |" in text
