@@ -411,7 +411,7 @@ def test_dispatcher_runs_the_kernel():
 def test_the_layers_of_a_batch_read_cu_seqlens_and_build_windows_once(monkeypatch):
     """A model's layers pass the same cu_seqlens and bidir_group: one host read of cu_seqlens and one
     windows build (with its sync) for the batch, not per layer; a new batch builds again, and the
-    gradients of every call are the ones the kernel computes from fresh windows."""
+    output and gradients of every call are the ones the kernel computes from fresh windows."""
     from vlm_core import kernels
     from vlm_core.kernels import packed_attention_triton as module
 
@@ -433,9 +433,10 @@ def test_the_layers_of_a_batch_read_cu_seqlens_and_build_windows_once(monkeypatc
     assert len(checks) == 1 and len(builds) == 1
     fresh = [x.detach().requires_grad_(True) for x in (q, k, v)]
     module._last_windows.clear()
-    packed_attention_triton(*fresh, cu_seqlens, max_seqlen, groups).backward(grad_out)
+    fresh_out = packed_attention_triton(*fresh, cu_seqlens, max_seqlen, groups)
+    fresh_out.backward(grad_out)
     for layer in layers:
-        assert all(torch.equal(a, b) for a, b in zip(layer[1:], [x.grad for x in fresh]))
+        assert all(torch.equal(a, b) for a, b in zip(layer, [fresh_out.detach()] + [x.grad for x in fresh]))
     assert len(builds) == 2  # the fresh run's
     packed_attention(q, k, v, cu_seqlens, max_seqlen, groups.clone(), impl="triton")  # the next batch
     assert len(checks) == 1 and len(builds) == 3  # cu_seqlens unchanged: its check still holds
