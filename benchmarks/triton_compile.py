@@ -195,6 +195,8 @@ def _projector(dtype: torch.dtype, sink: list[Launch]) -> None:
     with recording(fp, fp, "projector", f"{_DTYPES[dtype]} {m}x{dim_v}->{dim_h}->{dim}", sink):
         pre = fp._forward(embeds, x, rows, w1, b1, w2, b2, None)
         fp._backward(embeds, x, rows, w1, w2, pre, None, (True,) * 5 + (False,) * 2)
+        # only fc2 trained (tower, fc1 frozen): no d pre, so d W2 recomputes GELU in its loads
+        fp._backward(embeds, x, rows, w1, w2, pre, None, (False,) * 3 + (True,) * 2 + (False,) * 2)
         # with InternVL's LayerNorm in GEMM 1's loads: the same GEMMs, two of them with a +LayerNorm variant
         norm = fp._Norm(*fp._layer_norm_stats(x, 1e-5), *norm_wb)
         pre = fp._forward(embeds, x, rows, w1, b1, w2, b2, norm)
@@ -235,7 +237,7 @@ def cases(ops: list[str], dtypes: list[torch.dtype], head_dims: list[int]) -> li
 
 
 # the GEMM kinds in the order of vlm_core/kernels/fused_projector_kernels.py
-_PROJECTOR_KINDS = ("fwd_gelu", "fwd_scatter", "bwd_dact", "bwd_dw2", "bwd_dw1", "bwd_dx")
+_PROJECTOR_KINDS = ("fwd_gelu", "fwd_scatter", "bwd_dact", "bwd_dw2", "bwd_dw1", "bwd_dx", "bwd_dw2_gelu")
 
 
 def kernel_label(launch: Launch) -> str:

@@ -14,8 +14,9 @@ masked_scatter/concat with copies). Here:
 - forward GEMM 2 adds the bias and stores each row straight into ``embeds[rows[m]]`` (the scatter is
   the store), in embeds' dtype; embeds is updated in place (autograd sees an in-place op);
 - backward: d act = (d embeds gathered at rows) @ W2 with GELU's derivative in the epilogue (the
-  gather is in the GEMM's loads), d W2 = (gathered d embeds)^T @ gelu(pre) (GELU recomputed in the
-  loads, so the activation is never saved), d W1 = d pre^T @ x, d x = d pre @ W1; d b1 as column sums
+  gather is in the GEMM's loads), which also writes gelu(pre) from the pre it loads (the activation is
+  not saved by the forward, only rebuilt for the backward's d W2); d W2 = (gathered d embeds)^T @
+  gelu(pre), d W1 = d pre^T @ x, d x = d pre @ W1; d b1 as column sums
   of d pre in d act's epilogue, d b2 as column sums of d embeds gathered at rows (a pass split over
   rows). With the LayerNorm, d W1's loads normalize x again from the saved statistics, and d x is
   LayerNorm's backward of d pre @ W1: RMSNorm's row kernel in its LayerNorm mode, which also sums the
@@ -41,6 +42,7 @@ from vlm_core.kernels.fused_projector_kernels import (
     _BWD_DACT,
     _BWD_DW1,
     _BWD_DW2,
+    _BWD_DW2_GELU,
     _BWD_DX,
     _COLUMN_SUM_BLOCKS,
     _FWD_GELU,
@@ -149,6 +151,7 @@ def _matmul(
     bias: torch.Tensor | None = None,
     epilogue: int = _STORE,
     pre: torch.Tensor | None = None,
+    act: torch.Tensor | None = None,
     rows_c: torch.Tensor | None = None,
     norm_a: _Norm | None = None,
     norm_b: _Norm | None = None,
@@ -157,11 +160,14 @@ def _matmul(
     """One launch of _matmul_kernel; a, b, c row-major storage with the given (row, column) strides of the
     logical operands A [m, k] and B [k, n]; c is [m or rows, n] row-major. norm_a / norm_b: the LayerNorm
     applied to A's rows / B's rows as they are loaded. With sum_columns, returns C's column sums [n] in
-    float32 (from the epilogue's partial sums per row tile), else None."""
+    float32 (from the epilogue's partial sums per row tile), else None. act: with the _GELU_GRAD epilogue, also
+    written gelu(pre), in pre's layout."""
     import triton
 
     if norm_a is not None and norm_b is not None:
         raise ValueError("_matmul: a LayerNorm in the loads of A or of B, not both")
+    if act is not None and (epilogue != _GELU_GRAD or pre is None or act.stride() != pre.stride()):
+        raise ValueError("_matmul: act is written by the _GELU_GRAD epilogue, in pre's layout")
     if m == 0 or n == 0:
         return torch.zeros(n, dtype=torch.float32, device=c.device) if sum_columns else None
     dummy = c  # pointer arguments the flags leave unused
@@ -180,14 +186,14 @@ def _matmul(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _kernels(interpreting()).matmul[grid](
-        a, b, c, bias if bias is not None else dummy, pre_t,
+        a, b, c, bias if bias is not None else dummy, pre_t, act if act is not None else dummy,
         rows_a if rows_a is not None else dummy, index_k if index_k is not None else dummy,
         rows_c if rows_c is not None else dummy, *norm_args, col_sums,
         m, n, k, kind,
         a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
         pre_t.stride(0), pre_t.stride(1),
         GATHER_A_ROWS=rows_a is not None, GATHER_K=index_k is not None, GELU_B=gelu_b,
-        HAS_BIAS=bias is not None, EPILOGUE=epilogue, SCATTER_C=rows_c is not None,
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_ACT=act is not None, SCATTER_C=rows_c is not None,
         NORM_A=norm_a is not None, NORM_B=norm_b is not None, NORM_HAS_BIAS=norm is not None and norm.bias is not None,
         COL_SUM_C=sum_columns,
         DOT_PRECISION=precision, INTERPRET_BF16=bf16,
@@ -280,19 +286,29 @@ def _backward(grad_embeds, x, rows, w1, w2, pre, norm: _Norm | None, needs):
     need_normed = need_x or need_norm_w or need_norm_b  # d of GEMM 1's (normalized) input
     stride_g = grad_embeds.stride(0)
     grad_w2 = grad_b2 = grad_w1 = grad_b1 = grad_x = grad_norm_w = grad_norm_b = None
-    if need_w2:
-        # d w2 [D, D_h] = G[rows]^T @ gelu(pre): A[i, t] = G[rows[t], i]; B[t, j] = gelu(pre[t, j]).
-        grad_w2 = torch.empty((dim, dim_h), dtype=torch.float32, device=x.device)
-        _matmul(_BWD_DW2, grad_embeds, (1, stride_g), pre, (dim_h, 1), grad_w2, dim, dim_h, m,
-                index_k=rows, gelu_b=True)  # fmt: skip
-    if need_b2:
-        grad_b2 = _column_sum(grad_embeds, m, rows, torch.float32)
+    grad_pre = act = None
     if need_normed or need_w1 or need_b1:
         # d pre [M, D_h] = (G[rows] @ w2) * gelu'(pre): A[t, k] = G[rows[t], k]; B[k, n] = w2[k, n];
-        # d b1 = the column sums of d pre, per row tile in the epilogue
+        # d b1 = the column sums of d pre, per row tile in the epilogue; gelu(pre) for d W2 from the same
+        # loads of pre
         grad_pre = torch.empty((m, dim_h), dtype=w1.dtype, device=x.device)
+        act = torch.empty_like(pre) if need_w2 else None
         grad_b1 = _matmul(_BWD_DACT, grad_embeds, (stride_g, 1), w2, (dim_h, 1), grad_pre, m, dim_h, dim,
-                          rows_a=rows, epilogue=_GELU_GRAD, pre=pre, sum_columns=need_b1)  # fmt: skip
+                          rows_a=rows, epilogue=_GELU_GRAD, pre=pre, act=act, sum_columns=need_b1)  # fmt: skip
+    if need_w2:
+        # d w2 [D, D_h] = G[rows]^T @ gelu(pre): A[i, t] = G[rows[t], i]; B[t, j] = gelu(pre[t, j]), read from
+        # act, or, when nothing needed d pre, recomputed in the loads (once per row tile of d w2: 32 times at
+        # D = 4096 with 128-row tiles, and the transformed B cannot go straight to shared memory)
+        grad_w2 = torch.empty((dim, dim_h), dtype=torch.float32, device=x.device)
+        if act is not None:
+            _matmul(_BWD_DW2, grad_embeds, (1, stride_g), act, (dim_h, 1), grad_w2, dim, dim_h, m, index_k=rows)
+            del act
+        else:
+            _matmul(_BWD_DW2_GELU, grad_embeds, (1, stride_g), pre, (dim_h, 1), grad_w2, dim, dim_h, m,
+                    index_k=rows, gelu_b=True)  # fmt: skip
+    if need_b2:
+        grad_b2 = _column_sum(grad_embeds, m, rows, torch.float32)
+    if grad_pre is not None:
         if need_w1:
             # d w1 [D_h, D_v] = d pre^T @ norm(x): A[i, t] = dpre[t, i]; B[t, j] = norm(x)[t, j].
             grad_w1 = torch.empty((dim_h, dim_v), dtype=torch.float32, device=x.device)

@@ -27,21 +27,27 @@ if TYPE_CHECKING:
     import triton.language as tl  # noqa: TC004  (kernels get the real module as a global from make_jit)
 
 
-# GEMM kinds (part of the autotuning key, so each gets its own tuned tile).
-_FWD_GELU, _FWD_SCATTER, _BWD_DACT, _BWD_DW2, _BWD_DW1, _BWD_DX = range(6)
+# GEMM kinds (part of the autotuning key, so each gets its own tuned tile). _BWD_DW2_GELU is d W2 with GELU
+# recomputed in its loads, for a backward that needs no d pre (fc1, the norm and the tower all frozen).
+_FWD_GELU, _FWD_SCATTER, _BWD_DACT, _BWD_DW2, _BWD_DW1, _BWD_DX, _BWD_DW2_GELU = range(7)
 # Epilogues.
 _STORE, _BIAS_GELU, _GELU_GRAD = 0, 1, 2
 
 
 def _gelu(x):
-    """Exact (erf) GELU of float32 x, as F.gelu's default."""
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # 1 / sqrt(2)
+    """Exact (erf) GELU of float32 x, as F.gelu's default: x Phi(x)."""
+    return x * _gelu_cdf(x)
 
 
-def _gelu_grad(x):
-    """d gelu / dx of float32 x."""
-    # 1 / sqrt(2) and 1 / sqrt(2 pi): kernels see only their arguments, tl and each other, not module constants.
-    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+def _gelu_cdf(x):
+    """Phi(x) = 0.5 (1 + erf(x / sqrt 2)), the standard normal CDF."""
+    # 1 / sqrt(2): kernels see only their arguments, tl and each other, not module constants.
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+def _gelu_density_term(x):
+    """x phi(x) (phi the standard normal density): d gelu / dx = Phi(x) + x phi(x)."""
+    return x * tl.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
 
 
 def _positions(Index, offs, ok, GATHER: tl.constexpr):
@@ -57,6 +63,7 @@ def _matmul_kernel(
     C,
     Bias,
     Pre,
+    Act,
     RowsA,
     IndexK,
     RowsC,
@@ -82,6 +89,7 @@ def _matmul_kernel(
     GELU_B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    STORE_ACT: tl.constexpr,
     SCATTER_C: tl.constexpr,
     NORM_A: tl.constexpr,
     NORM_B: tl.constexpr,
@@ -100,7 +108,8 @@ def _matmul_kernel(
     GATHER_A_ROWS (else m) and a_col(k) = IndexK[k] when GATHER_K (else k): the gather of d embeds
     at the image rows, in the backward. B[k, n] is at B + k * stride_bk + n * stride_bn, passed
     through GELU when GELU_B. Epilogues: _STORE (+ bias), _BIAS_GELU (Pre := acc + bias, C :=
-    gelu(acc + bias)), _GELU_GRAD (C := acc * gelu'(Pre[m, n])). C row m is RowsC[m] when SCATTER_C.
+    gelu(acc + bias)), _GELU_GRAD (C := acc * gelu'(Pre[m, n]); with STORE_ACT also Act := gelu(Pre), in
+    Pre's layout, for d W2 to read plainly). C row m is RowsC[m] when SCATTER_C.
 
     LayerNorm in the loads, from per-row float32 Mean and Rstd: NORM_A normalizes A's rows (A[m, k] :=
     (A[m, k] - Mean[m]) * Rstd[m] * NormW[k] + NormB[k], forward GEMM 1); NORM_B normalizes B, whose rows
@@ -177,7 +186,11 @@ def _matmul_kernel(
     if EPILOGUE == 2:  # _GELU_GRAD
         pre_pointers = Pre + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :] * stride_pn
         pre = tl.load(pre_pointers, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(pre)
+        cdf = _gelu_cdf(pre)
+        if STORE_ACT:  # once per element here, instead of once per row tile of d W2 in its loads
+            act_pointers = Act + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :] * stride_pn
+            tl.store(act_pointers, _cast(pre * cdf, Act.dtype.element_ty, INTERPRET_BF16), mask=mask)
+        acc = acc * (cdf + _gelu_density_term(pre))
     if COL_SUM_C:
         column_sums = tl.sum(tl.where(mask, acc, 0.0), 0)
         tl.store(ColSumC + pid_m.to(tl.int64) * N + offs_n, column_sums, mask=n_ok)
@@ -249,7 +262,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 
     _, jit = make_jit(__name__)
     jit(_gelu)
-    jit(_gelu_grad)
+    jit(_gelu_cdf)
+    jit(_gelu_density_term)
     jit(_positions)
 
     def config(m, n, k, warps, stages):

@@ -111,10 +111,13 @@ def test_matches_reference(total, rows, dims, dtype, bias, norm):
 
 @pytest.mark.usefixtures("triton_kernels")
 @pytest.mark.parametrize("frozen", [("features",), ("norm_weight", "norm_bias"), ("embeds", "features", "fc1_weight"),
-                                    ("fc2_weight",)])  # fmt: skip
+                                    ("fc2_weight",),
+                                    ("features", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias")])  # fmt: skip
 def test_gradients_with_frozen_inputs(frozen):
     """A frozen tower (no d features) still trains the norm; a frozen norm still passes d features; a frozen
-    fc1 or fc2 weight (its GEMM skipped) leaves the trained bias's gradient right."""
+    fc1 or fc2 weight (its GEMM skipped) leaves the trained bias's gradient right. With everything before fc2
+    frozen, no d pre is computed, so d W2 recomputes GELU in its loads instead of reading it from d pre's
+    epilogue."""
     rows = [1, 2, 3, 6, 7, 8, 9]
     check(12, rows, (24, 40, 36), torch.float32, DEVICE, f"proj-frozen-{frozen}", norm="affine", frozen=frozen)
 
