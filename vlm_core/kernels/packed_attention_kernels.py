@@ -111,22 +111,24 @@ def _fwd_inner(
         # Loads stop at hi, the end of the keys this tile needs; unmasked tiles lie inside
         # every row's window, so they need no bounds check at all.
         k = _load_tile(k_base, offs_n, stride_kt, offs_d, hi, HEAD_DIM, MASKED, PAD_D)
-        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)  # [M, N]
-        qk = qk * qk_scale
+        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)  # [M, N], unscaled
+        # The scale (> 0) goes on the row maxima, and then into one FMA with the subtraction:
+        # max(qk) * s is max(qk * s), and qk * s - m is a single fused op per score (as in
+        # Triton's fused-attention tutorial) instead of a multiply and a subtract.
         if MASKED:
             allowed = (offs_n[None, :] >= seg_start[:, None]) & (
                 offs_n[None, :] < kv_end[:, None]
             )
             qk = tl.where(allowed, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             # A row may have no allowed key in this tile and none before it (a query of the
             # next segment in a tile that straddles two segments): subtract 0 instead of -inf,
             # so p = exp2(-inf) = 0 and alpha = 0 rather than exp2(-inf + inf) = NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.exp2(qk - m_use[:, None])
+        p = tl.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, offs_n, stride_kt, offs_d, hi, HEAD_DIM, MASKED, PAD_D)
@@ -298,14 +300,15 @@ def _bwd_dq_inner(
         offs_n = lo + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, stride_kt, offs_d, hi, HEAD_DIM, MASKED, PAD_D)
         v = _load_tile(v_base, offs_n, stride_kt, offs_d, hi, HEAD_DIM, MASKED, PAD_D)
-        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16) * qk_scale
+        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
+        log2_p = qk * qk_scale - lse[:, None]  # one FMA per score
         if MASKED:
             allowed = (offs_n[None, :] >= seg_start[:, None]) & (
                 offs_n[None, :] < kv_end[:, None]
             )
             # Mask before exp2: a masked score may exceed lse, and exp2 would overflow.
-            qk = tl.where(allowed, qk, float("-inf"))
-        p = tl.exp2(qk - lse[:, None])  # the forward's probabilities, recomputed
+            log2_p = tl.where(allowed, log2_p, float("-inf"))
+        p = tl.exp2(log2_p)  # the forward's probabilities, recomputed
         dp = _dot(dout, tl.trans(v), None, DOT_PRECISION, INTERPRET_BF16)
         ds = p * (dp - delta[:, None])  # d loss / d (scaled score)
         dq = _dot(
@@ -441,13 +444,13 @@ def _bwd_dkdv_inner(
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         qk_t = _dot(k, tl.trans(q), None, DOT_PRECISION, INTERPRET_BF16)  # [N, M]
-        qk_t = qk_t * qk_scale
+        log2_p_t = qk_t * qk_scale - lse[None, :]  # one FMA per score
         if MASKED:
             allowed = (offs_m[None, :] >= q_start[:, None]) & (
                 offs_m[None, :] < seg_end[:, None]
             )
-            qk_t = tl.where(allowed, qk_t, float("-inf"))  # before exp2, as in dQ
-        p_t = tl.exp2(qk_t - lse[None, :])
+            log2_p_t = tl.where(allowed, log2_p_t, float("-inf"))  # before exp2, as in dQ
+        p_t = tl.exp2(log2_p_t)
         dv = _dot(
             _cast(p_t, dout.dtype, INTERPRET_BF16),
             dout,

@@ -205,7 +205,7 @@ def packed_attention_triton(
     Limits (each raises ValueError): float16, bfloat16 or float32 (float32 uses exact fp32 dot
     products, not TF32); Dh a multiple of 8 in [16, 128] (non-powers of two such as 96 are padded
     to the next power of two); an image id may not cover two separate runs of one segment;
-    fewer than 2**31 elements in q and in k; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    fewer than 2**31 elements in q and in k; softmax_scale > 0; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
     (Triton's interpreter; slow). Scores, softmax and accumulators are float32; P and dS are
     rounded to the input dtype before their matrix products, as in flash-attention.
     Inputs are assumed valid otherwise: call it through ``vlm_core.kernels.packed_attention``.
@@ -221,6 +221,8 @@ def packed_attention_triton(
     _check_kernel_limits(q, k)
     total, _, head_dim = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if not scale > 0:  # the forward scales row maxima, not scores: max(qk) * s = max(qk * s) needs s > 0
+        raise ValueError(f"packed_attention_triton: softmax_scale={softmax_scale!r} must be positive")
     windows = _last_windows.get(  # once per batch: a model's layers share cu_seqlens and bidir_group
         cu_seqlens, bidir_group, (total,), lambda: packed_attention_windows(cu_seqlens, bidir_group, total)
     )

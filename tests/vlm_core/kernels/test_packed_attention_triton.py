@@ -367,6 +367,14 @@ def test_unsupported_inputs_raise_value_error(dtype, head_dim, message):
         packed_attention_triton(**_tiny_inputs(dtype, head_dim))
 
 
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan")])
+def test_softmax_scale_must_be_positive(scale):
+    """The forward scales each row's maximum instead of every score, which needs a positive scale."""
+    with pytest.raises(ValueError, match="softmax_scale"):
+        packed_attention_triton(**_tiny_inputs(torch.float32, 16), softmax_scale=scale)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
