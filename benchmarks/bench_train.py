@@ -44,6 +44,11 @@ GPU:  python benchmarks/bench_train.py --model small        (MFU at TP=1 on one 
       add --providers ours to skip the HF baseline.
 Results go to benchmarks/results/train_<model>_<device>.{md,csv,png}; the header records the device, date,
 commit, library versions and the exact command, and benchmarks/report.py judges the targets below the table.
+
+``--profile N`` then runs N more ``full`` steps of ours under torch.profiler and writes
+train_<model>_<device>_profile.md: where a step's time goes (the ops with the most self time on the device,
+or on the CPU without one) and, on a GPU, how much of the step's wall time the GPU was busy at all. A GPU
+idle for much of the step means the host (Python, launches, syncs) sets the pace, not the kernels.
 """
 
 from __future__ import annotations
@@ -343,7 +348,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (TFLOP/s)")
     parser.add_argument("--cache-dir", default=DataConfig().cache_dir, help="where the built-in world is cached")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    return parser.parse_args(argv)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N full steps of ours (torch.profiler) into <stem>_profile.md")
+    parser.add_argument("--profile-top", type=int, default=30, help="ops listed in the profile")
+    args = parser.parse_args(argv)
+    if args.profile < 0 or args.profile_top < 1:
+        parser.error("--profile must be >= 0 and --profile-top >= 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -403,7 +414,84 @@ def main(argv: list[str] | None = None) -> Path:
     stem = f"train_{model_name}_{device.type}"
     path, _ = write_tables("Training-step benchmark", rows, header, args.out_dir, stem, COLUMNS)
     print(path.read_text())
+    if args.profile:
+        profile = profile_steps(s, step_fns(s, ours, hf, "full", row_len)["ours"], args.profile, args.profile_top)
+        profile_path = args.out_dir / f"{stem}_profile.md"
+        profile_path.write_text(profile_report(profile, header, stem))
+        print(profile_path.read_text())
     return path
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+@dataclass
+class Profile:
+    steps: int
+    wall_ms: float  # the profiled steps, synchronised, profiler overhead included
+    device_busy_ms: float | None  # union of the GPU kernels' intervals; None without a GPU
+    ops: list[dict]  # the top ops: name, calls, self ms (device, or CPU without one), share of the device or CPU
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length (ms) of the union of [start, end) intervals given in microseconds."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e3
+
+
+def profile_steps(s: Setup, fn: tuple, steps: int, top: int) -> Profile:
+    """``steps`` full steps of one provider (``fn`` = (prepare, step)) under torch.profiler, on batches in turn."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prepare, step = fn
+    batches = [prepare(s.batches[i % len(s.batches)]) for i in range(steps)]
+    step(batches[0])  # whatever the timing left uncompiled or uncached, outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    sync(s.device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        sync(s.device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    on_device = s.device.type == "cuda"
+    busy = None
+    if on_device:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = _union_ms([(e.time_range.start, e.time_range.end) for e in kernels])
+    averages = prof.key_averages()
+
+    def self_us(entry) -> float:
+        return entry.self_device_time_total if on_device else entry.self_cpu_time_total
+
+    total_us = sum(self_us(e) for e in averages) or 1.0
+    ranked = sorted((e for e in averages if self_us(e) > 0), key=self_us, reverse=True)[:top]
+    ops = [{"op": e.key, "calls": e.count, "self ms / step": self_us(e) / 1e3 / steps,
+            "share": self_us(e) / total_us} for e in ranked]
+    return Profile(steps, wall_ms, busy, ops)
+
+
+def profile_report(p: Profile, header: list[str], stem: str) -> str:
+    where = "GPU" if p.device_busy_ms is not None else "CPU"
+    lines = [f"# Where a training step's time goes ({stem}_profile)", ""]
+    lines += [f"- {line}" for line in header]
+    lines += [f"- profiled: {p.steps} full steps of ours under torch.profiler, after the timed run and one more "
+              f"untimed step; {p.wall_ms / p.steps:.1f} ms per step wall time, profiler overhead included"]
+    if p.device_busy_ms is not None:
+        busy = p.device_busy_ms / p.wall_ms
+        lines.append(f"- GPU busy: {p.device_busy_ms / p.steps:.1f} ms per step, {busy:.0%} of the wall time "
+                     f"(the union of the kernels' intervals); idle {1 - busy:.0%}: host-side time the kernels wait on")
+    lines += ["", f"Ops with the most self time on the {where}, per step:", "",
+              f"| op | calls / step | self ms / step | share of {where} time |", "|---|---:|---:|---:|"]
+    for op in p.ops:
+        name = op["op"].replace("|", "\\|")
+        lines.append(f"| {name} | {op['calls'] / p.steps:g} | {op['self ms / step']:.3f} | {op['share']:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh attention   # bench_packed_attention.py at Dh 128 (the targets'; 447 s on an H100)
 #   bash scripts/gpu_session.sh attention64 # the same at Dh 64 (its own call: both overran one in 2026-11)
 #   bash scripts/gpu_session.sh fused       # bench_projector, bench_linear_cross_entropy, bench_norm_swiglu
-#   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1)
+#   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1), then a profile of 3 steps
 #   bash scripts/gpu_session.sh e2e         # train.py on the GPU (Triton kernels in the training loop): a
 #                                           # small run, then the default recipe (needs carry [".gpu-wheels"])
 #
@@ -114,7 +114,7 @@ fused)
     run projector-layernorm "$py" benchmarks/bench_projector.py --layer-norm $(smoke_flag)
     ;;
 train)
-    run train "$py" benchmarks/bench_train.py $(smoke_flag)
+    run train "$py" benchmarks/bench_train.py --profile 3 $(smoke_flag)
     ;;
 e2e)
     site="${E2E_SITE:-/tmp/gpu-e2e-site}"

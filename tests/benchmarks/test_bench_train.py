@@ -43,3 +43,22 @@ def test_model_flops_formula():
     attention = 3 * 4 * cfg.layers * cfg.dim * length * (length + 1) // 2
     head = 6 * cfg.dim * 100 * supervised
     assert bench.model_flops(cfg, model, [sample], "full") == vision + projector + decoder + attention + head
+
+
+def test_profile_lists_where_a_step_goes(tmp_path):
+    bench.main(["--smoke", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"),
+                "--precision", "fp32", "--providers", "ours", "--modes", "full", "--profile", "2", "--profile-top", "5"])
+    text = next((tmp_path / "out").glob("*_profile.md")).read_text()
+    assert "- profiled: 2 full steps of ours" in text
+    assert "- commit:" in text
+    ops = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| op |")]
+    assert len(ops) == 5, text
+    self_ms = [float(line.split("|")[3]) for line in ops]
+    assert self_ms == sorted(self_ms, reverse=True) and self_ms[0] > 0
+    assert any("aten::" in line for line in ops)  # CPU ops: no GPU here
+
+
+def test_union_of_kernel_intervals():
+    # overlapping, nested, touching and disjoint intervals (microseconds) -> ms
+    assert bench._union_ms([(0, 10), (5, 15), (6, 7), (15, 20), (30, 40)]) == 0.030
+    assert bench._union_ms([]) == 0.0

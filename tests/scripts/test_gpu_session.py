@@ -119,6 +119,7 @@ def test_train_stage_runs_bench_train_without_hydra_or_megatron(copy):
     assert "== train: exit 0" in log, log
     with tarfile.open(copy / "out" / "train.tar.gz") as tar:
         assert any(n.startswith("benchmarks/results/train_") for n in tar.getnames()), tar.getnames()
+        assert any(n.endswith("_profile.md") for n in tar.getnames()), tar.getnames()
 
 
 def _carried_site(folder: Path) -> Path:
