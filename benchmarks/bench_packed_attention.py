@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     return paths
 
 
+MODE_KERNELS = {"forward": ("forward",), "backward": ("dkdv", "dq"), "full": ("forward", "dkdv", "dq")}
+
+
 def run_case(case: Case, args: argparse.Namespace, warmup: int, reps: int) -> list[dict]:
     """Every provider and mode on one configuration; ratios against ours within the configuration."""
     device = case.q.device
@@ -490,6 +493,10 @@ def run_case(case: Case, args: argparse.Namespace, warmup: int, reps: int) -> li
                 peak = peak_mib(call, leaves, device)
                 row["peak MiB"] = "" if peak is None else f"{peak:.0f}"
                 row["_ms"] = ms
+                if provider == "ours":  # which tile each kernel ran with: the autotuner's pick for this shape
+                    ran = MODE_KERNELS[mode]
+                    chosen = _triton_module()[0].chosen_configs()
+                    row["note"] = "tuned: " + ", ".join(f"{k} {c}" for k, c in chosen.items() if k in ran)
             except Unavailable as reason:
                 row["note"] = f"skipped: {reason}"
             except (RuntimeError, ValueError, NotImplementedError, AssertionError) as error:

@@ -63,6 +63,10 @@ def test_smoke_command_runs_ours_under_the_interpreter(tmp_path):
     rows = read_rows(tmp_path / "packed_attention_smoke_cpu.csv")
     ours = [r for r in rows if r["provider"] == "ours"]
     assert ours and all(r["ms"] and r["x vs ours"] == "1.00" for r in ours), ours
+    # the interpreter's single config, named per kernel the mode ran
+    notes = {r["mode"]: r["note"] for r in ours}
+    assert notes == {"forward": "tuned: forward 32x16 w4 s1",
+                     "full": "tuned: forward 32x16 w4 s1, dkdv 32x16 w4 s1, dq 32x16 w4 s1"}, notes
     peers = [r for r in rows if r["provider"] in ("reference", "sdpa") and r["mode"] == "forward"]
     assert all(r["x vs ours"] and r["max |out - first|"].endswith("(ours)") for r in peers), peers
     assert all(float(r["max |out - first|"].split()[0]) < 1e-5 for r in peers), peers

@@ -236,8 +236,22 @@ def packed_attention_triton(
     )
 
 
+def chosen_configs() -> dict[str, str]:
+    """Kernel name -> the autotuned config it ran with at its last launch, as "BLOCK_MxBLOCK_N wWARPS sSTAGES"
+    (kernels not launched yet are left out). Benchmarks record it beside their timings."""
+    kernels = _kernels(_interpreting())
+    chosen = {}
+    for name in ("forward", "dkdv", "dq"):
+        config = getattr(getattr(kernels, name), "best_config", None)
+        if config is not None:
+            blocks = config.kwargs
+            chosen[name] = f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    return chosen
+
+
 __all__ = [
     "AttentionWindows",
+    "chosen_configs",
     "packed_attention_triton",
     "packed_attention_windows",
     "triton_status",
