@@ -198,7 +198,7 @@ def step_fns(s: Setup, ours: VLM, hf: torch.nn.Module, mode: str, row_len: int) 
     pad_id = s.tokenizer.pad_token_id
     loss_fn = functools.partial(lm_loss, per_sample=False)  # HF's objective: the mean over supervised tokens
     ours_opt = build_optimizer(ours, TRAINABLE, 1e-4, 0.0, (0.9, 0.98))
-    hf_opt = torch.optim.AdamW(freeze_hf_tower(hf), lr=1e-4, betas=(0.9, 0.98), foreach=False)
+    hf_opt = torch.optim.AdamW(freeze_hf_tower(hf), lr=1e-4, betas=(0.9, 0.98))  # as ours: torch picks foreach
 
     def ours_step(batch) -> None:
         if mode == "forward":

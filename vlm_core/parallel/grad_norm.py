@@ -22,7 +22,8 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, env: Parall
     """
     params = [p for p in params if p.grad is not None]
     if env is None or not env.tensor_parallel:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+        # foreach left to torch, as the optimizer's: per-tensor norms in one multi-tensor kernel on CUDA
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     device = env.collective_device
     split = torch.zeros((), dtype=torch.float64, device=device)
     replicated = torch.zeros((), dtype=torch.float64, device=device)

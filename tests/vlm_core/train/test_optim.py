@@ -39,3 +39,23 @@ def test_build_optimizer_freezes_and_groups() -> None:
 def test_build_optimizer_unknown_module() -> None:
     with pytest.raises(ValueError, match="projector"):
         build_optimizer(Toy(), ["projector"], 1e-3, 0.0, (0.9, 0.95))
+
+
+def test_cpu_update_is_the_per_parameter_one_bit_for_bit() -> None:
+    """build_optimizer leaves foreach to torch (multi-tensor on CUDA); on the CPU that is the per-parameter
+    update the bit-exact resume tests were written against."""
+    torch.manual_seed(0)
+    models = [Toy(), Toy()]
+    models[1].load_state_dict(models[0].state_dict())
+    ours = build_optimizer(models[0], ["vision", "decoder"], 1e-2, 0.1, (0.9, 0.95))
+    groups = build_optimizer(models[1], ["vision", "decoder"], 1e-2, 0.1, (0.9, 0.95)).param_groups
+    single = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
+                               lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    for step in range(3):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+        for model, optimizer in zip(models, (ours, single)):
+            optimizer.zero_grad()
+            model.decoder(model.vision(x)).square().sum().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
