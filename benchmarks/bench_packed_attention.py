@@ -20,13 +20,17 @@ Providers (each skipped, with the reason in the table, where it cannot run):
     varlen              torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch), causal only
     flash_attn          flash-attn 2's flash_attn_varlen_func, causal only
     flash_attn4         flash-attn 4's flash_attn.cute.flash_attn_varlen_func (Hopper/Blackwell), causal only
+    ours_atomic_dq      ours with dq_mode="atomic": the dK/dV kernel adds dQ up with float32 atomics (five
+                        matrix products in the backward instead of seven; not deterministic), backward and
+                        full modes only (the forward is ours')
 
 Modes: forward (no autograd graph), backward (the backward of one recorded forward, retain_graph),
 full (forward + backward). Times are medians (triton.testing.do_bench on CUDA; perf_counter on the
 CPU). TFLOP/s counts only the allowed (unmasked) score entries:
 
     forward FLOPs = 4 * Hq * Dh * allowed_pairs     (QK^T and PV, 2 FLOPs per multiply-add)
-    backward      = 2.5 * forward                   (five matrix products against two)
+    backward      = 2.5 * forward                   (five matrix products against two; ours' separate
+                                                     dQ kernel does seven, uncounted: the work is the same)
     full          = 3.5 * forward
 
 ``allowed_pairs`` sums, per segment of length L, L (L + 1) / 2 causal pairs plus m (m - 1) / 2 for
@@ -79,7 +83,9 @@ from vlm_core.kernels.attention_torch import (
     packed_attention_varlen,
 )
 
-PROVIDERS = ("ours", "reference", "reference_compiled", "sdpa", "flex", "varlen", "flash_attn", "flash_attn4")
+# New providers go at the end: recover_bar_plot.py reads an old plot by the colours of this order.
+PROVIDERS = ("ours", "reference", "reference_compiled", "sdpa", "flex", "varlen", "flash_attn", "flash_attn4",
+             "ours_atomic_dq")
 CAUSAL_ONLY = ("varlen", "flash_attn", "flash_attn4")
 MODES = ("forward", "backward", "full")
 FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "full": 3.5}
@@ -231,12 +237,13 @@ def attention_fn(provider: str, case: Case, reference_max_total: int) -> Callabl
         raise Unavailable("causal-only kernel; image spans need a bidirectional mask")
     if provider in ("reference", "reference_compiled") and case.total > reference_max_total:
         raise Unavailable(f"total > --reference-max-total={reference_max_total} (dense scores)")
-    if provider == "ours":
+    if provider in ("ours", "ours_atomic_dq"):
         ok, reason = attn_impl_status("triton", device, needs_bidir=True, needs_backward=True)
         if not ok:
             raise Unavailable(reason)
         kernel = _triton_module()[0].packed_attention_triton
-        return lambda q, k, v: kernel(q, k, v, cu, max_seqlen, groups)
+        dq_mode = "atomic" if provider == "ours_atomic_dq" else "separate"
+        return lambda q, k, v: kernel(q, k, v, cu, max_seqlen, groups, dq_mode=dq_mode)
     if provider == "reference":
         return lambda q, k, v: packed_attention_reference(q, k, v, cu, max_seqlen, groups)
     if provider == "reference_compiled":
@@ -404,7 +411,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.heads = args.heads or ["4:2"]
         args.head_dims = args.head_dims or [16]
         args.dtype = args.dtype or "fp32"
-        args.providers = [p for p in args.providers if p in ("ours", "reference", "sdpa", "flex")]
+        args.providers = [p for p in args.providers if p in ("ours", "reference", "sdpa", "flex", "ours_atomic_dq")]
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.totals = args.totals or [8192, 16384, 32768]
     args.heads = [tuple(int(x) for x in pair.split(":")) for pair in (args.heads or ["32:8", "32:32"])]
@@ -460,6 +467,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
 
 MODE_KERNELS = {"forward": ("forward",), "backward": ("dkdv", "dq"), "full": ("forward", "dkdv", "dq")}
+ATOMIC_DQ_KERNELS = {"backward": ("dkdv",), "full": ("forward", "dkdv")}  # no dq kernel with the atomic dq
 
 
 def run_case(case: Case, args: argparse.Namespace, warmup: int, reps: int) -> list[dict]:
@@ -476,6 +484,8 @@ def run_case(case: Case, args: argparse.Namespace, warmup: int, reps: int) -> li
         for provider in args.providers:
             row = {**base, "mode": mode, "provider": provider}
             try:
+                if provider == "ours_atomic_dq" and mode == "forward":
+                    raise Unavailable("its forward is ours'")
                 fn = attention_fn(provider, case, args.reference_max_total)
                 if mode != "forward" and provider == "flex" and device.type == "cpu":
                     raise Unavailable("FlexAttention has no backward on the CPU")
@@ -493,8 +503,8 @@ def run_case(case: Case, args: argparse.Namespace, warmup: int, reps: int) -> li
                 peak = peak_mib(call, leaves, device)
                 row["peak MiB"] = "" if peak is None else f"{peak:.0f}"
                 row["_ms"] = ms
-                if provider == "ours":  # which tile each kernel ran with: the autotuner's pick for this shape
-                    ran = MODE_KERNELS[mode]
+                if provider.startswith("ours"):  # which tile each kernel ran with: the autotuner's pick here
+                    ran = ATOMIC_DQ_KERNELS[mode] if provider == "ours_atomic_dq" else MODE_KERNELS[mode]
                     chosen = _triton_module()[0].chosen_configs()
                     row["note"] = "tuned: " + ", ".join(f"{k} {c}" for k, c in chosen.items() if k in ran)
             except Unavailable as reason:

@@ -33,8 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_packed_attention import PROVIDERS  # the plot's colours follow this order
+from benchmarks.bench_packed_attention import PROVIDERS
 from benchmarks.report import END, write_tables
+
+# The 2026-11-24 run's providers, in the order its plot coloured them: bench_packed_attention's list up to
+# flash_attn4 (providers added since are appended after it, so they never shift these colours).
+RUN_PROVIDERS = PROVIDERS[: PROVIDERS.index("flash_attn4") + 1]
 
 # matplotlib's tab10, which report.plot cycles through in provider order
 TAB10 = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -189,7 +193,7 @@ def recovered_rows(png: Path = PNG) -> list[dict]:
     for c, (workload, total, hkv) in enumerate(CONFIGS):
         for mode in ("forward", "backward", "full"):
             ours = values.get((c, mode, "TFLOP/s", 0))
-            for p, provider in enumerate(PROVIDERS):
+            for p, provider in enumerate(RUN_PROVIDERS):
                 rate = values.get((c, mode, "TFLOP/s", p))
                 row = {"workload": workload, "total": total, "Hq": 32, "Hkv": hkv, "Dh": 128, "dtype": "bf16",
                        "mode": mode, "provider": provider}  # fmt: skip

@@ -151,6 +151,7 @@ def _attention(dtype: torch.dtype, head_dim: int, sink: list[Launch]) -> None:
     with recording(pat, pak, "attention", f"{_DTYPES[dtype]} Dh={head_dim}", sink):
         out, lse = pat._forward(q, k, v, windows, 0.125, 2048)
         pat._backward(torch.empty_like(q), q, k, v, out, lse, windows, 0.125, 2048)
+        pat._backward(torch.empty_like(q), q, k, v, out, lse, windows, 0.125, 2048, atomic_dq=True)
 
 
 def _rmsnorm(dtype: torch.dtype, dim: int, sink: list[Launch]) -> None:
@@ -248,6 +249,8 @@ def kernel_label(launch: Launch) -> str:
         return f"matmul {_PROJECTOR_KINDS[named['kind']]}{norm}"
     if launch.name == "rope":
         return "rope bwd" if launch.kwargs.get("BACKWARD") else "rope fwd"
+    if launch.name == "dkdv" and launch.kwargs.get("ATOMIC_DQ"):
+        return "dkdv +atomic dq"
     return launch.name
 
 

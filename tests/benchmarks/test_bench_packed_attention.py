@@ -67,6 +67,10 @@ def test_smoke_command_runs_ours_under_the_interpreter(tmp_path):
     notes = {r["mode"]: r["note"] for r in ours}
     assert notes == {"forward": "tuned: forward 32x16 w4 s1",
                      "full": "tuned: forward 32x16 w4 s1, dkdv 32x16 w4 s1, dq 32x16 w4 s1"}, notes
+    atomic = {r["mode"]: r for r in rows if r["provider"] == "ours_atomic_dq"}
+    assert atomic["forward"]["note"] == "skipped: its forward is ours'" and not atomic["forward"]["ms"]
+    assert atomic["full"]["ms"] and atomic["full"]["x vs ours"], atomic["full"]
+    assert atomic["full"]["note"] == "tuned: forward 32x16 w4 s1, dkdv 32x16 w4 s1", atomic["full"]
     peers = [r for r in rows if r["provider"] in ("reference", "sdpa") and r["mode"] == "forward"]
     assert all(r["x vs ours"] and r["max |out - first|"].endswith("(ours)") for r in peers), peers
     assert all(float(r["max |out - first|"].split()[0]) < 1e-5 for r in peers), peers

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.bench_packed_attention import PROVIDERS
-from benchmarks.recover_bar_plot import CONFIGS, read_panels
+from benchmarks.recover_bar_plot import CONFIGS, RUN_PROVIDERS, read_panels
 from benchmarks.report import write_tables
 
 
@@ -20,7 +19,7 @@ def known_table(seed: int) -> list[dict]:
     rows = []
     for workload, total, hkv in CONFIGS:
         for mode in ("forward", "backward", "full"):
-            for provider in PROVIDERS:
+            for provider in RUN_PROVIDERS:
                 row = {"workload": workload, "total": total, "Hkv": hkv, "mode": mode, "provider": provider}
                 skipped = (provider.startswith("reference") and total > 8192) or provider == "flash_attn" or (
                     provider in ("varlen", "flash_attn4") and workload == "llava")
@@ -39,7 +38,7 @@ def test_values_come_back_within_two_percent(tmp_path, seed):
     assert len(panels) == 4  # forward, backward, full, peak MiB (full)
     for panel, (mode, metric) in zip(panels, [("forward", "TFLOP/s"), ("backward", "TFLOP/s"), ("full", "TFLOP/s"),
                                               ("full", "peak MiB")]):  # fmt: skip
-        want = {(c, PROVIDERS.index(r["provider"])): math.log10(float(r[metric]))
+        want = {(c, RUN_PROVIDERS.index(r["provider"])): math.log10(float(r[metric]))
                 for c, config in enumerate(CONFIGS) for r in rows
                 if (r["workload"], r["total"], r["Hkv"]) == config and r["mode"] == mode and metric in r}  # fmt: skip
         got = {(b.config, b.colour): b.value for b in panel.bars}  # log10, up to the axis' decade offset

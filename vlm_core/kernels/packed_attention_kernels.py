@@ -2,7 +2,8 @@
 
 Flash-attention style: an online softmax that never materialises the [total, total] scores, the
 row logsumexp saved for the backward pass, and a backward made of three kernels (delta =
-rowsum(dO * O), then dK/dV over query tiles, then dQ over key tiles), all atomic-free. Each
+rowsum(dO * O), then dK/dV over query tiles, then dQ over key tiles), all atomic-free; or, with
+ATOMIC_DQ, two, the dK/dV kernel adding dQ up with float32 atomics (FlashAttention-2's way). Each
 program reads the per-token windows of packed_attention_windows.py to visit only the tiles its
 rows (or columns) can see, and to skip the element mask on tiles inside every window.
 
@@ -409,6 +410,7 @@ def _bwd_dkdv_inner(
     dout_base,
     lse_base,
     delta_base,
+    dq_base,
     stride_qt,
     offs_d,
     q_start,
@@ -422,13 +424,16 @@ def _bwd_dkdv_inner(
     BLOCK_M: tl.constexpr,
     PAD_D: tl.constexpr,
     MASKED: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles (query tile t starts at lo + t*BLOCK_M).
 
     Works on transposed scores [N, M] so that dK = dS^T Q and dV = P^T dO need no transpose of
-    the accumulators.
+    the accumulators. With ATOMIC_DQ, also adds this key tile's share of dQ (dS K, unscaled) to
+    the float32 rows at dq_base with atomics: five matrix products per tile pair instead of the
+    seven that the separate dQ kernel's recomputation of QK^T and dP^T costs.
     """
     for tile in range(first_tile, end_tile):
         offs_m = lo + tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -459,10 +464,20 @@ def _bwd_dkdv_inner(
             INTERPRET_BF16,
         )
         dp_t = _dot(v, tl.trans(dout), None, DOT_PRECISION, INTERPRET_BF16)  # [N, M]
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(
-            _cast(ds_t, q.dtype, INTERPRET_BF16), q, dk, DOT_PRECISION, INTERPRET_BF16
-        )
+        ds_t = _cast(p_t * (dp_t - delta[None, :]), q.dtype, INTERPRET_BF16)
+        dk = _dot(ds_t, q, dk, DOT_PRECISION, INTERPRET_BF16)
+        if ATOMIC_DQ:
+            # dQ^T = K^T dS [D, M]: the head dim (64/128) is the product's row count, so
+            # it runs on wgmma (64 rows at least); dQ = dS^T K would have BLOCK_M (16/32) rows.
+            dq_t = _dot(tl.trans(k), ds_t, None, DOT_PRECISION, INTERPRET_BF16)  # [D, M]
+            pointers = dq_base + offs_m[None, :] * stride_qt + offs_d[:, None]
+            # Columns at or past hi are another segment's (or past the end): their dS is 0 here.
+            tl.atomic_add(
+                pointers,
+                dq_t,
+                mask=(offs_m[None, :] < hi) & (offs_d[:, None] < HEAD_DIM),
+                sem="relaxed",
+            )
     return dk, dv
 
 
@@ -473,6 +488,7 @@ def _bwd_dkdv_kernel(
     DOut,
     DK,
     DV,
+    DQAcc,
     LSE,
     Delta,
     QStart,
@@ -491,6 +507,7 @@ def _bwd_dkdv_kernel(
     PAD_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -498,7 +515,8 @@ def _bwd_dkdv_kernel(
 
     GQA reduction without atomics: the program loops over the ``group`` query heads that share
     this KV head and sums their contributions in its float32 accumulators, so dK, dV are written
-    once, deterministically.
+    once, deterministically. With ATOMIC_DQ it also adds dQ's shares into DQAcc (float32, laid
+    out as Q, zeroed by the caller), in an order that varies from run to run.
     """
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -530,20 +548,21 @@ def _bwd_dkdv_kernel(
         dout_base = DOut + head * stride_qh
         lse_base = LSE + head * total
         delta_base = Delta + head * total
+        dq_base = DQAcc + head * stride_qh
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, dout_base, lse_base, delta_base, stride_qt, offs_d,
+            dk, dv, k, v, q_base, dout_base, lse_base, delta_base, dq_base, stride_qt, offs_d,
             q_start, seg_end, lo, 0, first_full, hi, qk_scale,
-            HEAD_DIM, BLOCK_M, PAD_D, True, DOT_PRECISION, INTERPRET_BF16,
+            HEAD_DIM, BLOCK_M, PAD_D, True, ATOMIC_DQ, DOT_PRECISION, INTERPRET_BF16,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, dout_base, lse_base, delta_base, stride_qt, offs_d,
+            dk, dv, k, v, q_base, dout_base, lse_base, delta_base, dq_base, stride_qt, offs_d,
             q_start, seg_end, lo, first_full, end_full, hi, qk_scale,
-            HEAD_DIM, BLOCK_M, PAD_D, False, DOT_PRECISION, INTERPRET_BF16,
+            HEAD_DIM, BLOCK_M, PAD_D, False, ATOMIC_DQ, DOT_PRECISION, INTERPRET_BF16,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, dout_base, lse_base, delta_base, stride_qt, offs_d,
+            dk, dv, k, v, q_base, dout_base, lse_base, delta_base, dq_base, stride_qt, offs_d,
             q_start, seg_end, lo, end_full, count, hi, qk_scale,
-            HEAD_DIM, BLOCK_M, PAD_D, True, DOT_PRECISION, INTERPRET_BF16,
+            HEAD_DIM, BLOCK_M, PAD_D, True, ATOMIC_DQ, DOT_PRECISION, INTERPRET_BF16,
         )  # fmt: skip
     _store_tile(
         DK + kv_head * stride_kh,
@@ -649,11 +668,9 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             {"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages
         )
 
-    def tuned(fn, half_configs, fp32_configs, too_big_for_wide_heads=()):
+    def tuned(fn, half_configs, fp32_configs, too_big_for_wide_heads=(), key=_AUTOTUNE_KEY, reset=None):
         if interpret:
-            return triton.autotune([config(*_INTERPRETER_CONFIG)], key=_AUTOTUNE_KEY)(
-                jit(fn)
-            )
+            return triton.autotune([config(*_INTERPRETER_CONFIG)], key=key)(jit(fn))
 
         def keep_for_dtype(configs, named_args, **kwargs):
             wanted = (
@@ -670,13 +687,16 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 
         return triton.autotune(
             [config(*c) for c in dict.fromkeys(half_configs + fp32_configs)],
-            key=_AUTOTUNE_KEY,
+            key=key,
             prune_configs_by={"early_config_prune": keep_for_dtype},
+            reset_to_zero=reset,  # an atomic accumulator: zeroed before each trial and after tuning
         )(jit(fn))
 
     return types.SimpleNamespace(
         forward=tuned(_fwd_kernel, _GPU_FWD_CONFIGS, _GPU_FWD_FP32_CONFIGS),
         preprocess=jit(_bwd_preprocess_kernel),
         dq=tuned(_bwd_dq_kernel, _GPU_FWD_CONFIGS, _GPU_FWD_FP32_CONFIGS, _DQ_TOO_BIG_FOR_WIDE_HEADS),
-        dkdv=tuned(_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS, _GPU_DKDV_FP32_CONFIGS),
+        # its own tile with and without the atomic dQ (a constexpr the key must tell apart)
+        dkdv=tuned(_bwd_dkdv_kernel, _GPU_DKDV_CONFIGS, _GPU_DKDV_FP32_CONFIGS,
+                   key=[*_AUTOTUNE_KEY, "ATOMIC_DQ"], reset=["DQAcc"]),  # fmt: skip
     )

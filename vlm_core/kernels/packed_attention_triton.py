@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -31,6 +32,8 @@ from vlm_core.kernels.triton_runtime import interpreting as _interpreting
 
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
 _LOG2_E = 1.4426950408889634  # scores are kept in log2 units, so the kernels use exp2
+DQ_MODES = ("separate", "atomic")  # how the backward computes dq (packed_attention_triton's dq_mode)
+DQ_MODE_ENV = "VLM_ATTN_DQ"
 _last_windows: LastPacking[AttentionWindows] = LastPacking()  # the windows of the last batch seen
 
 
@@ -97,8 +100,10 @@ def _backward(
     windows: AttentionWindows,
     scale: float,
     max_seqlen: int,
+    atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv in the inputs' dtype; dk, dv summed over the query heads of each KV head."""
+    """dq, dk, dv in the inputs' dtype; dk, dv summed over the query heads of each KV head. dq from its own
+    kernel, or (atomic_dq) added up with atomics by the dK/dV kernel in a float32 buffer."""
     import triton
 
     kernels = _kernels(_interpreting())
@@ -117,16 +122,21 @@ def _backward(
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    # float32, laid out as q (contiguous, so q's strides address it). Without atomics an unread placeholder of
+    # its own, never a live tensor: the autotuner zeroes this argument before each trial.
+    dq_acc = torch.zeros(q.shape if atomic_dq else (1,), dtype=torch.float32, device=q.device)
 
     def kv_grid(meta):
         return (triton.cdiv(total, meta["BLOCK_N"]), num_kv_heads)
 
     kernels.dkdv[kv_grid](
-        q, k, v, dout, dk, dv, lse, delta, windows.q_start, windows.seg_end,
+        q, k, v, dout, dk, dv, dq_acc, lse, delta, windows.q_start, windows.seg_end,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         total, group, scale * _LOG2_E, scale, bucket,
-        **constexprs,
+        **constexprs, ATOMIC_DQ=atomic_dq,
     )  # fmt: skip
+    if atomic_dq:
+        return dq_acc.mul_(scale).to(q.dtype), dk, dv
 
     dq = torch.empty_like(q)
 
@@ -149,13 +159,14 @@ def _backward(
 
 class _PackedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seg_start, kv_end, q_start, seg_end, max_seqlen, scale):
+    def forward(ctx, q, k, v, seg_start, kv_end, q_start, seg_end, max_seqlen, scale, atomic_dq):
         windows = AttentionWindows(seg_start, kv_end, q_start, seg_end)
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             out, lse = _forward(q, k, v, windows, scale, max_seqlen)
         ctx.save_for_backward(q, k, v, out, lse, *windows)
         ctx.max_seqlen = max_seqlen
         ctx.scale = scale
+        ctx.atomic_dq = atomic_dq
         return out
 
     @staticmethod
@@ -164,9 +175,9 @@ class _PackedAttentionFunction(torch.autograd.Function):
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             dq, dk, dv = _backward(
                 dout.contiguous(), q, k, v, out, lse, AttentionWindows(*windows),
-                ctx.scale, ctx.max_seqlen,
+                ctx.scale, ctx.max_seqlen, ctx.atomic_dq,
             )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _check_kernel_limits(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -194,6 +205,7 @@ def packed_attention_triton(
     max_seqlen: int,
     bidir_group: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    dq_mode: str | None = None,
 ) -> torch.Tensor:
     """Packed attention (causal text, bidirectional image spans) as fused Triton kernels.
 
@@ -202,12 +214,19 @@ def packed_attention_triton(
     span of a non-zero id inside its segment. The backward is Triton kernels too, with dk, dv
     summed over the query heads that share a KV head (no atomics; deterministic).
 
+    ``dq_mode`` (default: the environment's VLM_ATTN_DQ, else "separate"): how the backward gets dq.
+    "separate": a kernel of its own over the key tiles, which recomputes QK^T and dO V^T (seven
+    matrix products per pair of tiles in the backward; deterministic). "atomic": the dK/dV kernel
+    adds each key tile's share into a float32 buffer with atomics, as FlashAttention-2 does (five
+    products; the summation order, so the last bits of dq, vary from run to run).
+
     Limits (each raises ValueError): float16, bfloat16 or float32 (float32 uses exact fp32 dot
     products, not TF32); Dh a multiple of 8 in [16, 128] (non-powers of two such as 96 are padded
     to the next power of two); an image id may not cover two separate runs of one segment;
-    fewer than 2**31 elements in q and in k; softmax_scale > 0; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-    (Triton's interpreter; slow). Scores, softmax and accumulators are float32; P and dS are
-    rounded to the input dtype before their matrix products, as in flash-attention.
+    fewer than 2**31 elements in q and in k; softmax_scale > 0; dq_mode one of DQ_MODES; CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1 (Triton's interpreter; slow). Scores, softmax
+    and accumulators are float32; P and dS are rounded to the input dtype before their matrix
+    products, as in flash-attention.
     Inputs are assumed valid otherwise: call it through ``vlm_core.kernels.packed_attention``.
     Computing the windows syncs the host once per batch: the layers after the first reuse them
     (vlm_core/kernels/packing_memo.py).
@@ -216,13 +235,17 @@ def packed_attention_triton(
     float32, bfloat16 and float16 with Dh 16, 24, 32, 64 in Triton 3.7's interpreter on the CPU,
     and compiled for sm_90 with Triton 3.7, every autotune config, by benchmarks/triton_compile.py
     (no GPU run). The GPU cases there (bf16/fp16, Dh 64/96/128, ~6k tokens) passed on an H100
-    (triton 3.6.0) on 2026-11-24: benchmarks/results/gpu_session_h100_2026-11-24.md.
+    (triton 3.6.0) on 2026-11-24: benchmarks/results/gpu_session_h100_2026-11-24.md; the atomic
+    dq came later and has run only in the interpreter and the sm_90 compile so far.
     """
     _check_kernel_limits(q, k)
     total, _, head_dim = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     if not scale > 0:  # the forward scales row maxima, not scores: max(qk) * s = max(qk * s) needs s > 0
         raise ValueError(f"packed_attention_triton: softmax_scale={softmax_scale!r} must be positive")
+    dq_mode = dq_mode or os.environ.get(DQ_MODE_ENV) or "separate"
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"packed_attention_triton: dq_mode={dq_mode!r} (or {DQ_MODE_ENV}); expected one of {DQ_MODES}")
     windows = _last_windows.get(  # once per batch: a model's layers share cu_seqlens and bidir_group
         cu_seqlens, bidir_group, (total,), lambda: packed_attention_windows(cu_seqlens, bidir_group, total)
     )
@@ -233,6 +256,7 @@ def packed_attention_triton(
         *windows,
         max_seqlen,
         float(scale),
+        dq_mode == "atomic",
     )
 
 

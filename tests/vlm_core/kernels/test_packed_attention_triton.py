@@ -104,7 +104,7 @@ def random_inputs(total, heads, head_dim, dtype, seed_text, device):
 
 
 def check_against_reference(
-    layout, heads, head_dim, dtype, softmax_scale, use_bidir, device, seed_text
+    layout, heads, head_dim, dtype, softmax_scale, use_bidir, device, seed_text, dq_mode=None
 ):
     """Kernel vs reference (float64 on its inputs), judged by plain attention in dtype."""
     cu_seqlens, groups = build_layout(layout, device)
@@ -117,7 +117,7 @@ def check_against_reference(
 
     ours = run_with_grads(
         lambda q_, k_, v_: packed_attention_triton(
-            q_, k_, v_, cu_seqlens, max_seqlen, bidir_group, softmax_scale
+            q_, k_, v_, cu_seqlens, max_seqlen, bidir_group, softmax_scale, dq_mode
         ),
         (q, k, v),
         grad_out,
@@ -177,12 +177,81 @@ def test_matches_reference(layout_name, heads, head_dim, dtype, softmax_scale):
     )
 
 
+# The atomic dQ on the cases that cross the most tile and segment edges: GQA 2, 4 and 8, a padded
+# head dim, a custom scale, each dtype, text only.
+ATOMIC_DQ_CASES = [CPU_CASES[i] for i in (2, 4, 6, 8, 10)]
+
+
 @pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize(
+    ("layout_name", "heads", "head_dim", "dtype", "softmax_scale"),
+    ATOMIC_DQ_CASES,
+    ids=[
+        f"{name}-hq{h[0]}_hkv{h[1]}-d{d}-{str(dt)[6:]}-scale{s}"
+        for name, h, d, dt, s in ATOMIC_DQ_CASES
+    ],
+)
+def test_atomic_dq_matches_reference(layout_name, heads, head_dim, dtype, softmax_scale):
+    check_against_reference(
+        CPU_LAYOUTS[layout_name],
+        heads,
+        head_dim,
+        dtype,
+        softmax_scale,
+        use_bidir=layout_name != "text_only",
+        device=DEVICE,
+        seed_text=f"{layout_name}-{heads}-{head_dim}-{dtype}",
+        dq_mode="atomic",
+    )
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_atomic_dq_launches_no_dq_kernel(monkeypatch):
+    """The atomic mode gets dq from the dK/dV kernel alone: the dq kernel is never launched."""
+    from vlm_core.kernels import packed_attention_triton as pat
+    from vlm_core.kernels.triton_runtime import interpreting
+
+    kernels = pat._kernels(interpreting())
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("the dq kernel was launched")
+
+    monkeypatch.setattr(kernels, "dq", Forbidden())
+    inputs = _tiny_inputs(torch.float32, 16)
+    q = inputs["q"].clone().requires_grad_()
+    packed_attention_triton(**{**inputs, "q": q}, dq_mode="atomic").sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(AssertionError, match="dq kernel was launched"):
+        packed_attention_triton(**{**inputs, "q": q}, dq_mode="separate").sum().backward()
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_dq_mode_from_the_environment(monkeypatch):
+    """VLM_ATTN_DQ picks the mode when the call does not; an unknown mode is a ValueError."""
+    inputs = _tiny_inputs(torch.float32, 16)
+    q = inputs["q"].clone().requires_grad_()
+
+    def dq(**kwargs):
+        q.grad = None
+        packed_attention_triton(**{**inputs, "q": q}, **kwargs).sum().backward()
+        return q.grad.clone()
+
+    separate = dq(dq_mode="separate")
+    monkeypatch.setenv("VLM_ATTN_DQ", "atomic")
+    torch.testing.assert_close(dq(), separate, rtol=0, atol=1e-6)  # the same dq, summed in another order
+    monkeypatch.setenv("VLM_ATTN_DQ", "fast")
+    with pytest.raises(ValueError, match="VLM_ATTN_DQ"):
+        dq()
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("poisoned", [0, 1])
 # The interpreter's numpy max over the poisoned sample's all-NaN rows warns; that sample's
 # results are not checked.
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
-def test_other_segment_is_never_read(poisoned):
+def test_other_segment_is_never_read(poisoned, dq_mode):
     """NaN in one sample's q, k, v and grad_out leaves the other sample's results exact.
 
     Each sample is 128 tokens, a multiple of every tile size, so a tile that visited the other
@@ -196,7 +265,7 @@ def test_other_segment_is_never_read(poisoned):
     for tensor in (q, k, v, grad_out):
         tensor[bad] = float("nan")
     ours = run_with_grads(
-        lambda q_, k_, v_: packed_attention_triton(q_, k_, v_, cu_seqlens, 128, groups),
+        lambda q_, k_, v_: packed_attention_triton(q_, k_, v_, cu_seqlens, 128, groups, dq_mode=dq_mode),
         (q, k, v),
         grad_out,
     )
@@ -247,7 +316,8 @@ GPU_CASES = [
         for h, d, dt, s, b in GPU_CASES
     ],
 )
-def test_matches_reference_gpu_sizes(heads, head_dim, dtype, softmax_scale, use_bidir):
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+def test_matches_reference_gpu_sizes(heads, head_dim, dtype, softmax_scale, use_bidir, dq_mode):
     check_against_reference(
         GPU_LAYOUT,
         heads,
@@ -257,6 +327,7 @@ def test_matches_reference_gpu_sizes(heads, head_dim, dtype, softmax_scale, use_
         use_bidir=use_bidir,
         device="cuda",
         seed_text=f"gpu-{heads}-{head_dim}-{dtype}-{use_bidir}",
+        dq_mode=dq_mode,
     )
 
 
