@@ -155,16 +155,23 @@ def check_against_reference(
     return errors
 
 
+# Every case with the default (separate) dQ kernel; the atomic dQ on the cases that cross the most
+# tile and segment edges: GQA 2, 4 and 8, a padded head dim, a custom scale, each dtype, text only.
+MODE_CASES = [(*case, "separate") for case in CPU_CASES] + [
+    (*CPU_CASES[i], "atomic") for i in (2, 4, 6, 8, 10)
+]
+
+
 @pytest.mark.usefixtures("triton_kernels")
 @pytest.mark.parametrize(
-    ("layout_name", "heads", "head_dim", "dtype", "softmax_scale"),
-    CPU_CASES,
+    ("layout_name", "heads", "head_dim", "dtype", "softmax_scale", "dq_mode"),
+    MODE_CASES,
     ids=[
-        f"{name}-hq{h[0]}_hkv{h[1]}-d{d}-{str(dt)[6:]}-scale{s}"
-        for name, h, d, dt, s in CPU_CASES
+        f"{name}-hq{h[0]}_hkv{h[1]}-d{d}-{str(dt)[6:]}-scale{s}" + ("-atomic_dq" if m == "atomic" else "")
+        for name, h, d, dt, s, m in MODE_CASES
     ],
 )
-def test_matches_reference(layout_name, heads, head_dim, dtype, softmax_scale):
+def test_matches_reference(layout_name, heads, head_dim, dtype, softmax_scale, dq_mode):
     check_against_reference(
         CPU_LAYOUTS[layout_name],
         heads,
@@ -174,34 +181,7 @@ def test_matches_reference(layout_name, heads, head_dim, dtype, softmax_scale):
         use_bidir=layout_name != "text_only",
         device=DEVICE,
         seed_text=f"{layout_name}-{heads}-{head_dim}-{dtype}",
-    )
-
-
-# The atomic dQ on the cases that cross the most tile and segment edges: GQA 2, 4 and 8, a padded
-# head dim, a custom scale, each dtype, text only.
-ATOMIC_DQ_CASES = [CPU_CASES[i] for i in (2, 4, 6, 8, 10)]
-
-
-@pytest.mark.usefixtures("triton_kernels")
-@pytest.mark.parametrize(
-    ("layout_name", "heads", "head_dim", "dtype", "softmax_scale"),
-    ATOMIC_DQ_CASES,
-    ids=[
-        f"{name}-hq{h[0]}_hkv{h[1]}-d{d}-{str(dt)[6:]}-scale{s}"
-        for name, h, d, dt, s in ATOMIC_DQ_CASES
-    ],
-)
-def test_atomic_dq_matches_reference(layout_name, heads, head_dim, dtype, softmax_scale):
-    check_against_reference(
-        CPU_LAYOUTS[layout_name],
-        heads,
-        head_dim,
-        dtype,
-        softmax_scale,
-        use_bidir=layout_name != "text_only",
-        device=DEVICE,
-        seed_text=f"{layout_name}-{heads}-{head_dim}-{dtype}",
-        dq_mode="atomic",
+        dq_mode=dq_mode,
     )
 
 
