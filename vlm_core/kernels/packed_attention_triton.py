@@ -8,7 +8,8 @@ Layers, as in STYLE.md, across three modules:
 - packed_attention_windows.py: which keys each query sees, as per-token [start, end) windows
   (:func:`packed_attention_windows`), the metadata the kernels skip tiles by;
 - packed_attention_kernels.py: the private kernels (plain functions, turned into ``@triton.jit``
-  kernels on first use by its ``_kernels``);
+  kernels on first use by its ``_kernels``), the forward and the shared helpers there, the
+  backward's in packed_attention_backward.py;
 - here: the launchers (``_forward``, ``_backward``), an autograd Function, and the thin public
   :func:`packed_attention_triton`.
 """
