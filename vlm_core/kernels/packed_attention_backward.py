@@ -2,7 +2,7 @@
 
 Plain functions like the forward in packed_attention_kernels.py, whose ``_kernels`` decorates them
 on first use into the same private namespace, where they find the shared helpers (_load_tile,
-_store_tile, _tile_iterations, _dot, _cast) imported below. Atomic-free by default: dK, dV are
+_store_tile, _visit_range, _dot, _cast) imported below. Atomic-free by default: dK, dV are
 summed over the query heads of a KV head in registers, and dQ has a kernel of its own. With
 ATOMIC_DQ the dK/dV kernel also adds dQ up with float32 atomics, FlashAttention-2's way.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vlm_core.kernels.packed_attention_kernels import _load_tile, _store_tile, _tile_iterations
+from vlm_core.kernels.packed_attention_kernels import _load_tile, _store_tile, _visit_range
 from vlm_core.kernels.triton_runtime import _cast, _dot
 
 if TYPE_CHECKING:
@@ -133,12 +133,8 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < total
-    seg_start = tl.load(SegStart + offs_m, mask=row_ok, other=0)
-    kv_end = tl.load(KvEnd + offs_m, mask=row_ok, other=total)
-    lo = tl.min(tl.where(row_ok, seg_start, total), 0)
-    hi = tl.max(tl.where(row_ok, kv_end, 0), 0)
-    first_full, end_full, count = _tile_iterations(
-        lo, hi, tl.max(seg_start, 0), tl.min(kv_end, 0), BLOCK_N
+    seg_start, kv_end, lo, hi, first_full, end_full, count = _visit_range(
+        SegStart, KvEnd, offs_m, total, BLOCK_N
     )
 
     # q, dO are stored with the q strides (the launcher makes both contiguous).
@@ -303,16 +299,10 @@ def _bwd_dkdv_kernel(
     kv_head = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < total
-    # Keys past the end get the window [0, total) (never empty); their dK, dV are not stored.
-    q_start = tl.load(QStart + offs_n, mask=col_ok, other=0)
-    seg_end = tl.load(SegEnd + offs_n, mask=col_ok, other=total)
     # Queries to visit: key j is seen exactly by [q_start[j], seg_end[j]). The mirror image of
     # the forward's key range; queries of other segments are never visited.
-    lo = tl.min(tl.where(col_ok, q_start, total), 0)
-    hi = tl.max(tl.where(col_ok, seg_end, 0), 0)
-    first_full, end_full, count = _tile_iterations(
-        lo, hi, tl.max(q_start, 0), tl.min(seg_end, 0), BLOCK_M
+    q_start, seg_end, lo, hi, first_full, end_full, count = _visit_range(
+        QStart, SegEnd, offs_n, total, BLOCK_M
     )
 
     k = _load_tile(

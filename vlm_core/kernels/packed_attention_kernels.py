@@ -70,18 +70,27 @@ def _store_tile(
     tl.store(pointers, _cast(value, base.dtype.element_ty, INTERPRET_BF16), mask=mask)
 
 
-def _tile_iterations(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
-    """Split the tiles [lo + t * BLOCK, lo + (t + 1) * BLOCK), t < cdiv(hi - lo, BLOCK).
+def _visit_range(Start, End, offs, total, BLOCK: tl.constexpr):
+    """The windows [Start[i], End[i]) of a program's tokens ``offs`` and the tiles it must visit.
 
-    Returns (first_full, end_full, count): tiles [first_full, end_full) lie inside
-    [full_lo, full_hi), where every (row, column) pair of the tile is allowed; the tiles before
-    and after them need the element mask.
+    Returns (start, end, lo, hi, first_full, end_full, count). Tokens past ``total`` get the window
+    [0, total): never empty, so no NaN; their results are not stored. [lo, hi) spans the real tokens'
+    windows; the program visits the tiles [lo + t * BLOCK, lo + (t + 1) * BLOCK), t < count, and tiles
+    [first_full, end_full) lie inside every window, [max start, min end), where every pair is allowed;
+    the tiles before and after them need the element mask.
     """
+    ok = offs < total
+    start = tl.load(Start + offs, mask=ok, other=0)
+    end = tl.load(End + offs, mask=ok, other=total)
+    lo = tl.min(tl.where(ok, start, total), 0)
+    hi = tl.max(tl.where(ok, end, 0), 0)
+    full_lo = tl.max(start, 0)
+    full_hi = tl.min(end, 0)
     count = (hi - lo + BLOCK - 1) // BLOCK
     first_full = tl.minimum((tl.maximum(full_lo - lo, 0) + BLOCK - 1) // BLOCK, count)
     end_full = tl.minimum(tl.maximum(full_hi - lo, 0) // BLOCK, count)
     end_full = tl.maximum(end_full, first_full)
-    return first_full, end_full, count
+    return start, end, lo, hi, first_full, end_full, count
 
 
 def _fwd_inner(
@@ -179,19 +188,12 @@ def _fwd_kernel(
     kv_head = head // group  # GQA: query heads h*G .. h*G+G-1 read KV head h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < total
-    # Rows past the end get the window [0, total): never empty, so no NaN; they are not stored.
-    seg_start = tl.load(SegStart + offs_m, mask=row_ok, other=0)
-    kv_end = tl.load(KvEnd + offs_m, mask=row_ok, other=total)
     # Keys to visit: from the earliest segment start to the latest window end of the tile's
     # real rows. Every key in that range is allowed for at least one row of the tile (each row
     # sees its whole segment up to itself, and its own image span beyond), so no tile visited
     # is fully masked, and tiles of other segments are never visited.
-    lo = tl.min(tl.where(row_ok, seg_start, total), 0)
-    hi = tl.max(tl.where(row_ok, kv_end, 0), 0)
-    # Keys in [max seg_start, min kv_end) are allowed for every row: no element mask there.
-    first_full, end_full, count = _tile_iterations(
-        lo, hi, tl.max(seg_start, 0), tl.min(kv_end, 0), BLOCK_N
+    seg_start, kv_end, lo, hi, first_full, end_full, count = _visit_range(
+        SegStart, KvEnd, offs_m, total, BLOCK_N
     )
 
     q = _load_tile(
@@ -235,14 +237,14 @@ def _fwd_kernel(
     )
     # logsumexp of the scaled scores, in log2 units: the backward recomputes
     # p = exp2(qk * qk_scale - lse) without a second pass over the keys.
-    tl.store(LSE + head * total + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(LSE + head * total + offs_m, m_i + tl.log2(l_i), mask=offs_m < total)
 
 
 # --------------------------------------------------------------------------------------------
 # Compilation on first use
 # --------------------------------------------------------------------------------------------
 
-_HELPERS = (_load_tile, _store_tile, _tile_iterations, _fwd_inner)
+_HELPERS = (_load_tile, _store_tile, _visit_range, _fwd_inner)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by triton.autotune on a GPU, for Hopper
 # (H100/H200); configs that do not fit in shared memory are skipped by the autotuner (one does not:
