@@ -467,7 +467,6 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
 
 MODE_KERNELS = {"forward": ("forward",), "backward": ("dkdv", "dq"), "full": ("forward", "dkdv", "dq")}
-ATOMIC_DQ_KERNELS = {"backward": ("dkdv",), "full": ("forward", "dkdv")}  # no dq kernel with the atomic dq
 
 
 def run_case(case: Case, args: argparse.Namespace, warmup: int, reps: int) -> list[dict]:
@@ -504,7 +503,7 @@ def run_case(case: Case, args: argparse.Namespace, warmup: int, reps: int) -> li
                 row["peak MiB"] = "" if peak is None else f"{peak:.0f}"
                 row["_ms"] = ms
                 if provider.startswith("ours"):  # which tile each kernel ran with: the autotuner's pick here
-                    ran = ATOMIC_DQ_KERNELS[mode] if provider == "ours_atomic_dq" else MODE_KERNELS[mode]
+                    ran = set(MODE_KERNELS[mode]) - ({"dq"} if provider == "ours_atomic_dq" else set())  # no dq kernel
                     chosen = _triton_module()[0].chosen_configs()
                     row["note"] = "tuned: " + ", ".join(f"{k} {c}" for k, c in chosen.items() if k in ran)
             except Unavailable as reason:

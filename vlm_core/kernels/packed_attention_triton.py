@@ -124,8 +124,12 @@ def _backward(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     # float32, laid out as q (contiguous, so q's strides address it). Without atomics an unread placeholder of
-    # its own, never a live tensor: the autotuner zeroes this argument before each trial.
-    dq_acc = torch.zeros(q.shape if atomic_dq else (1,), dtype=torch.float32, device=q.device)
+    # its own (left unfilled: no kernel for it), never a live tensor: the autotuner zeroes this argument
+    # before each trial.
+    if atomic_dq:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = torch.empty(1, dtype=torch.float32, device=q.device)
 
     def kv_grid(meta):
         return (triton.cdiv(total, meta["BLOCK_N"]), num_kv_heads)
