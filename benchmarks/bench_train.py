@@ -24,6 +24,12 @@ Modes: ``forward`` (no autograd graph) and ``full`` (forward, backward and the o
 medians over the timed steps (after ``--warmup`` steps), with CUDA synchronised. ``tokens/s`` counts real
 tokens (padding excluded); "x vs hf" is ours' tokens/s over hf's from the same run.
 
+``--batch-size`` takes several values (``--batch-size 64 128 256``): each is timed in turn, on the first
+``batch * steps`` samples of the same seeded order, and gets its own rows. A fixed cost per step (the host's
+Python and kernel launches) weighs less as the batch grows, so the MFU against the batch tells a host-bound
+step from a kernel-bound one. A provider that runs out of GPU memory at a batch size gets a row that says so
+(``note``) and is not run at larger ones; the others go on.
+
 Model FLOPs of a ``full`` step (``forward`` = the same terms with factor 2 for every trained part), the
 stage-2 recipe (2 FLOPs per multiply-add; backward = 2x forward):
 
@@ -120,6 +126,7 @@ class Setup:
     cfg: ModelConfig
     tokenizer: object
     batches: list[list[TokenizedSample]]  # the same batches for every provider
+    samples: list[TokenizedSample]  # the seeded draw the batches are cut from (batches_of: another batch size)
     device: torch.device
     bf16: bool
     adjusted: list[str]  # what was changed in the model config so that transformers can compute the same function
@@ -144,10 +151,18 @@ def setup(model: str, batch_size: int, steps: int, device: torch.device, precisi
     encoder = ChatEncoder(tokenizer, cfg.vision.num_patches)
     processor = ImageProcessor(cfg.vision.image_size, cfg.vision.image_mean, cfg.vision.image_std)
     dataset = SFTDataset(data.train, encoder, processor, cache_images=False)
+    if batch_size * steps > len(dataset):
+        raise ValueError(f"--batch-size {batch_size} x --steps {steps} needs {batch_size * steps} samples; the world's "
+                         f"training split has {len(dataset)}")
     order = np.random.default_rng(seed).permutation(len(dataset))[: batch_size * steps]
     samples = [dataset[int(index)] for index in order]
-    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    return Setup(cfg, tokenizer, batches, device, use_bf16(precision, device), adjusted)
+    return Setup(cfg, tokenizer, [], samples, device, use_bf16(precision, device), adjusted)
+
+
+def batches_of(s: Setup, batch_size: int) -> Setup:
+    """``s`` with its batches cut to ``batch_size`` samples each, as many as the draw holds whole batches of."""
+    count = len(s.samples) // batch_size
+    return replace(s, batches=[s.samples[i * batch_size : (i + 1) * batch_size] for i in range(count)])
 
 
 # ------------------------------------------------------------------------------------------ providers
@@ -289,30 +304,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _run(s: Setup, step, inputs) -> bool:
+    """One step; False where the GPU ran out of memory (its graph freed, the allocator's cache emptied)."""
+    try:
+        step(inputs)
+        return True
+    except torch.OutOfMemoryError:
+        pass  # leaving the handler drops the traceback and, with it, the failed step's tensors
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return False
+
+
 def time_providers(s: Setup, fns: dict, providers: list[str], warmup: int) -> dict[str, tuple[list[float], float | None]]:
     """provider -> (per-step seconds over the batches, CUDA peak MiB); ``warmup`` untimed steps first.
 
     The providers alternate step by step (ours on batch i, hf on batch i, ours on batch i + 1, ...), so a
     change in the machine's load during the run (a shared CPU) weighs on both and the ratio stays fair.
+    A provider that runs out of GPU memory is dropped: it gets no times (an empty list).
     """
     prepared = {p: [fns[p][0](batch) for batch in s.batches] for p in providers}
+    running = list(providers)
     for provider in providers:
         for index in range(warmup):
-            fns[provider][1](prepared[provider][index % len(s.batches)])
+            if provider in running and not _run(s, fns[provider][1], prepared[provider][index % len(s.batches)]):
+                running.remove(provider)
     sync(s.device)
     times: dict[str, list[float]] = {p: [] for p in providers}
     peaks: dict[str, float | None] = dict.fromkeys(providers)
     for index in range(len(s.batches)):
-        for provider in providers:
+        for provider in list(running):
             if s.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(s.device)
             start = time.perf_counter()
-            fns[provider][1](prepared[provider][index])
+            if not _run(s, fns[provider][1], prepared[provider][index]):
+                running.remove(provider)
+                times[provider] = []
+                continue
             sync(s.device)
             times[provider].append(time.perf_counter() - start)
             if s.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(s.device) / 2**20
                 peaks[provider] = max(peaks[provider] or 0.0, peak)
+    for provider in providers:
+        prepared[provider].clear()  # the device copies of the batches, before the next batch size
     return {p: (times[p], peaks[p]) for p in providers}
 
 
@@ -326,8 +361,8 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-COLUMNS = ["model", "mode", "provider", "precision", "batch", "real tokens/step", "slots/step", "ms/step (median)",
-           "tokens/s", "x vs hf", "TFLOP/s", "MFU", "peak MiB"]
+COLUMNS = ["model", "batch", "mode", "provider", "precision", "real tokens/step", "slots/step", "ms/step (median)",
+           "tokens/s", "x vs hf", "TFLOP/s", "MFU", "peak MiB", "note"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -336,7 +371,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds-long CPU check (CI): a 16-records-per-skill world, batch 8, 2 steps")
     parser.add_argument("--model", choices=("tiny", "small"), default=None, help="default: small on CUDA, tiny on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per step (train.batch_size)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=None,
+                        help="samples per step (train.batch_size; default 64, --smoke 8); several: each in turn")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (distinct batches)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compiles, caches)")
     parser.add_argument("--row-len", type=int, default=None, help="packed row length (default 512 tiny, 2048 small)")
@@ -354,7 +390,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.profile < 0 or args.profile_top < 1:
         parser.error("--profile must be >= 0 and --profile-top >= 1")
+    args.batch_size = args.batch_size or ([8] if args.smoke else [64])
+    if min(args.batch_size) < 1 or len(set(args.batch_size)) < len(args.batch_size):
+        parser.error(f"--batch-size: distinct values >= 1, got {args.batch_size}")
     return args
+
+
+def time_rows(s: Setup, ours: VLM, hf: torch.nn.Module, model_name: str, mode: str, row_len: int,
+              args: argparse.Namespace, peak: float | None, out_of_memory: dict[str, str]) -> list[dict[str, str]]:
+    """The table's rows for one batch size and mode: every provider timed on ``s.batches``.
+
+    ``out_of_memory`` maps the providers that ran out of GPU memory earlier (at a smaller batch, or in the
+    forward mode of this one) to where: they get a row that says so, untimed. One that runs out here is added."""
+    fns = step_fns(s, ours, hf, mode, row_len)
+    batch_size = len(s.batches[0])
+    runnable = [p for p in args.providers if p not in out_of_memory]
+    timed = time_providers(s, fns, runnable, args.warmup)
+    medians = {p: statistics.median(times) for p, (times, _) in timed.items() if times}
+    for provider, model in (("ours", ours), ("hf", hf)):
+        if provider in runnable and provider not in medians:
+            model.zero_grad(set_to_none=True)  # what its failed step left, before the others go on
+    real = statistics.mean(sum(x.input_ids.numel() for x in b) for b in s.batches)
+    precision = "bf16 autocast" if s.bf16 else "fp32"
+    rows = []
+    for provider in args.providers:
+        row = {"model": model_name, "batch": str(batch_size), "mode": mode, "provider": provider,
+               "precision": precision, "real tokens/step": f"{real:.0f}"}
+        if provider == "ours":
+            slots = statistics.mean(pack(b, row_len).total for b in s.batches)
+        else:
+            slots = statistics.mean(len(b) * max(x.input_ids.numel() for x in b) for b in s.batches)
+        row["slots/step"] = f"{slots:.0f}"
+        if provider not in medians:
+            if provider in out_of_memory:
+                row["note"] = f"not run: out of GPU memory at {out_of_memory[provider]}"
+            else:
+                row["note"] = "out of GPU memory"
+                out_of_memory[provider] = f"batch {batch_size}, {mode}"
+            rows.append(row)
+            print(row, flush=True)
+            continue
+        median = medians[provider]
+        flops = statistics.mean(model_flops(s.cfg, ours, b, mode) for b in s.batches)
+        tokens_per_s = real / median
+        ratio = f"{tokens_per_s / (real / medians['hf']):.2f}" if provider == "ours" and "hf" in medians else ""
+        peak_mib = timed[provider][1]
+        row.update({
+            "ms/step (median)": f"{median * 1e3:.1f}", "tokens/s": f"{tokens_per_s:,.0f}", "x vs hf": ratio,
+            "TFLOP/s": f"{flops / median / 1e12:.3g}", "MFU": f"{flops / median / peak:.1%}" if peak else "",
+            "peak MiB": f"{peak_mib:.0f}" if peak_mib is not None else "",
+        })
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -362,43 +450,23 @@ def main(argv: list[str] | None = None) -> Path:
     data_cfg = DataConfig(cache_dir=args.cache_dir)
     if args.smoke:
         data_cfg = DataConfig(cache_dir=args.cache_dir, world=WorldConfig(train_per_skill=16, eval_per_skill=2))
-        args.batch_size, args.steps, args.warmup = 8, 2, 1
+        args.steps, args.warmup = 2, 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_name = args.model or ("small" if device.type == "cuda" else "tiny")
     row_len = args.row_len or (2048 if model_name == "small" else 512)
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = setup(model_name, args.batch_size, args.steps, device, args.precision, data_cfg)
+    s = setup(model_name, max(args.batch_size), args.steps, device, args.precision, data_cfg)
     s.cfg = replace(s.cfg, attn_impl=args.attn_impl)
     ours, hf = build_models(s)
-    agreement = loss_agreement(s, ours, hf, row_len)
+    agreement = loss_agreement(batches_of(s, args.batch_size[0]), ours, hf, row_len)
     peak = peak_flops(device, args.peak_tflops)
-    precision = "bf16 autocast" if s.bf16 else "fp32"
     rows = []
-    for mode in args.modes:
-        fns = step_fns(s, ours, hf, mode, row_len)
-        timed = time_providers(s, fns, args.providers, args.warmup)
-        results = {provider: (statistics.median(times), peak) for provider, (times, peak) in timed.items()}
-        for provider in args.providers:
-            median, peak_mib = results[provider]
-            real = statistics.mean(sum(x.input_ids.numel() for x in b) for b in s.batches)
-            if provider == "ours":
-                slots = statistics.mean(pack(b, row_len).total for b in s.batches)
-            else:
-                slots = statistics.mean(len(b) * max(x.input_ids.numel() for x in b) for b in s.batches)
-            flops = statistics.mean(model_flops(s.cfg, ours, b, mode) for b in s.batches)
-            tokens_per_s = real / median
-            ratio = ""
-            if "hf" in results and provider == "ours":
-                ratio = f"{tokens_per_s / (real / results['hf'][0]):.2f}"
-            rows.append({
-                "model": model_name, "mode": mode, "provider": provider, "precision": precision,
-                "batch": args.batch_size, "real tokens/step": f"{real:.0f}", "slots/step": f"{slots:.0f}",
-                "ms/step (median)": f"{median * 1e3:.1f}", "tokens/s": f"{tokens_per_s:,.0f}", "x vs hf": ratio,
-                "TFLOP/s": f"{flops / median / 1e12:.3g}", "MFU": f"{flops / median / peak:.1%}" if peak else "",
-                "peak MiB": f"{peak_mib:.0f}" if peak_mib is not None else "",
-            })
-            print(rows[-1], flush=True)
+    out_of_memory: dict[str, str] = {}  # provider -> where it ran out of GPU memory (not run after that)
+    for batch_size in args.batch_size:
+        sized = batches_of(s, batch_size)
+        for mode in args.modes:
+            rows += time_rows(sized, ours, hf, model_name, mode, row_len, args, peak, out_of_memory)
     header = [
         f"device: {device_name(device)}",
         f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
@@ -406,7 +474,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"versions: {versions()}",
         f"command: python benchmarks/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         (f"model: {model_name} ({sum(p.numel() for p in ours.parameters()):,} parameters, vocab {ours.vocab_size}), "
-         f"row_len {row_len}, {args.steps} timed steps after {args.warmup} warm-up steps"),
+         f"row_len {row_len}, {args.steps} timed steps after {args.warmup} warm-up steps at each batch size"),
         f"loss |ours - hf| on the first batch in fp32: {agreement:.2e} (same weights, same function)",
         *(f"model config adjusted for transformers: {change}" for change in s.adjusted),
         f"MFU peak: {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: not on CPU (no meaningful peak)",
@@ -415,7 +483,9 @@ def main(argv: list[str] | None = None) -> Path:
     path, _ = write_tables("Training-step benchmark", rows, header, args.out_dir, stem, COLUMNS)
     print(path.read_text())
     if args.profile:
-        profile = profile_steps(s, step_fns(s, ours, hf, "full", row_len)["ours"], args.profile, args.profile_top)
+        sized = batches_of(s, args.batch_size[0])
+        profile = profile_steps(sized, step_fns(sized, ours, hf, "full", row_len)["ours"], args.profile,
+                                args.profile_top)
         profile_path = args.out_dir / f"{stem}_profile.md"
         profile_path.write_text(profile_report(profile, header, stem))
         print(profile_path.read_text())

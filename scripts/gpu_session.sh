@@ -6,7 +6,8 @@
 #   bash scripts/gpu_session.sh attention   # bench_packed_attention.py at Dh 128 (the targets'; 447 s on an H100)
 #   bash scripts/gpu_session.sh attention64 # the same at Dh 64 (its own call: both overran one in 2026-11)
 #   bash scripts/gpu_session.sh fused       # bench_projector, bench_linear_cross_entropy, bench_norm_swiglu
-#   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1), then a profile of 3 steps
+#   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1) at batch 64, 128 and 256,
+#                                           # then a profile of 3 steps at 64
 #   bash scripts/gpu_session.sh e2e         # train.py on the GPU (Triton kernels in the training loop): a
 #                                           # small run, then the default recipe (needs carry [".gpu-wheels"])
 #
@@ -114,7 +115,10 @@ fused)
     run projector-layernorm "$py" benchmarks/bench_projector.py --layer-norm $(smoke_flag)
     ;;
 train)
-    run train "$py" benchmarks/bench_train.py --profile 3 $(smoke_flag)
+    # the training default (64) and larger batches: how the MFU grows with the batch tells a host-bound step
+    batches="--batch-size 64 128 256"
+    [ "$smoke" = 1 ] && batches="" # the smoke world is too small for them
+    run train "$py" benchmarks/bench_train.py $batches --profile 3 $(smoke_flag)
     ;;
 e2e)
     site="${E2E_SITE:-/tmp/gpu-e2e-site}"

@@ -62,3 +62,47 @@ def test_union_of_kernel_intervals():
     # overlapping, nested, touching and disjoint intervals (microseconds) -> ms
     assert bench._union_ms([(0, 10), (5, 15), (6, 7), (15, 20), (30, 40)]) == 0.030
     assert bench._union_ms([]) == 0.0
+
+
+def test_batch_sweep_gives_rows_per_batch_and_survives_out_of_memory(tmp_path, monkeypatch):
+    """Several batch sizes: rows for each; a provider that runs out of GPU memory at one (simulated: HF's step
+    raises torch.OutOfMemoryError from batch 8 on) gets a row that says so and is not run at larger ones,
+    while ours goes on."""
+    real_step_fns = bench.step_fns
+    hf_steps = []
+
+    def failing_hf(*args, **kwargs):
+        fns = real_step_fns(*args, **kwargs)
+        prepare, step = fns["hf"]
+
+        def step_or_oom(inputs):
+            hf_steps.append(inputs["input_ids"].shape[0])
+            if inputs["input_ids"].shape[0] >= 8:
+                raise torch.OutOfMemoryError("simulated")
+            step(inputs)
+
+        return {**fns, "hf": (prepare, step_or_oom)}
+
+    monkeypatch.setattr(bench, "step_fns", failing_hf)
+    path = bench.main(["--smoke", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"),
+                       "--precision", "fp32", "--modes", "full", "--batch-size", "4", "8", "12"])
+    text = path.read_text()
+    rows = [dict(zip(bench.COLUMNS, (cell.strip() for cell in line.strip("|").split("|"))))
+            for line in text.splitlines() if line.startswith("| tiny |")]
+    by = {(row["batch"], row["provider"]): row for row in rows}
+    assert sorted(by) == [(b, p) for b in ("12", "4", "8") for p in ("hf", "ours")]
+    assert all(float(by[b, "ours"]["tokens/s"].replace(",", "")) > 0 for b in ("4", "8", "12"))
+    assert float(by["4", "ours"]["x vs hf"]) > 0 and by["8", "ours"]["x vs hf"] == ""
+    assert by["8", "hf"]["note"] == "out of GPU memory" and by["8", "hf"]["tokens/s"] == ""
+    assert by["12", "hf"]["note"] == "not run: out of GPU memory at batch 8, full"
+    assert 12 not in hf_steps and hf_steps.count(8) == 1  # dropped at its first failure
+    real_tokens = [float(by[b, "ours"]["real tokens/step"]) for b in ("4", "8", "12")]
+    assert real_tokens[0] < real_tokens[1] < real_tokens[2]
+
+
+def test_batch_sizes_are_checked():
+    import pytest
+
+    for bad in (["0"], ["8", "8"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--batch-size", *bad])
