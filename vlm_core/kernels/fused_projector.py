@@ -63,6 +63,7 @@ from vlm_core.kernels.triton_runtime import (
     interpreting,
     reduction_programs,
     row_launch_settings,
+    size_bucket,
 )
 
 
@@ -189,7 +190,7 @@ def _matmul(
         a, b, c, bias if bias is not None else dummy, pre_t, act if act is not None else dummy,
         rows_a if rows_a is not None else dummy, index_k if index_k is not None else dummy,
         rows_c if rows_c is not None else dummy, *norm_args, col_sums,
-        m, n, k, kind,
+        m, n, k, size_bucket(m), size_bucket(n), size_bucket(k), kind,
         a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
         pre_t.stride(0), pre_t.stride(1),
         GATHER_A_ROWS=rows_a is not None, GATHER_K=index_k is not None, GELU_B=gelu_b,

@@ -75,6 +75,9 @@ def _matmul_kernel(
     M,
     N,
     K,
+    m_bucket,  # autotune key only: M, N and K rounded up to powers of two (triton_runtime.size_bucket)
+    n_bucket,
+    k_bucket,
     kind,  # autotune key only
     stride_am,
     stride_ak,
@@ -271,7 +274,9 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": _GROUP_M}, num_warps=warps, num_stages=stages
         )
 
-    key = ["M", "N", "K", "kind"]
+    # The rows of a batch (M of the forward and d act, K of the weight gradients) change with its image count;
+    # keying on their exact value would re-time every config at each new count.
+    key = ["m_bucket", "n_bucket", "k_bucket", "kind"]
     if interpret:
         matmul = triton.autotune([config(*_INTERPRETER_CONFIG)], key=key)(jit(_matmul_kernel))
     else:

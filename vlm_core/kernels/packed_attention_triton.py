@@ -28,7 +28,7 @@ from vlm_core.kernels.packed_attention_windows import (
     packed_attention_windows,
 )
 from vlm_core.kernels.packing_memo import LastPacking
-from vlm_core.kernels.triton_runtime import check_can_run, check_dtype, triton_status
+from vlm_core.kernels.triton_runtime import check_can_run, check_dtype, size_bucket, triton_status
 from vlm_core.kernels.triton_runtime import interpreting as _interpreting
 
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
@@ -60,7 +60,7 @@ def _constexprs(q: torch.Tensor) -> dict:
 
 def _seqlen_bucket(max_seqlen: int) -> int:
     """Autotune key: max_seqlen rounded up to a power of two (>= 64)."""
-    return max(64, 1 << (max(max_seqlen, 1) - 1).bit_length())
+    return size_bucket(max_seqlen, 64)
 
 
 def _forward(

@@ -10,7 +10,8 @@
 - :func:`_dot` and :func:`_cast` are device helpers (plain functions, decorated with the kernels that
   call them) that work around the interpreter's bfloat16 arithmetic.
 - :func:`compute_dtype` is the dtype a fused op computes in: autocast's, when autocast is on.
-- :func:`autotune_candidates` narrows an autotuned launch to its first config (VLM_TRITON_AUTOTUNE=first).
+- :func:`autotune_candidates` narrows an autotuned launch to its first config (VLM_TRITON_AUTOTUNE=first);
+  :func:`size_bucket` rounds a size that varies per batch to the power of two an autotune key reads.
 
 Nothing here imports triton at module import time.
 """
@@ -144,6 +145,13 @@ def autotune_candidates(configs: list) -> list:
     return configs[:1] if mode == "first" else configs
 
 
+def size_bucket(size: int, floor: int = 1) -> int:
+    """``size`` rounded up to a power of two (at least ``floor``): an autotune key for a size that changes
+    from batch to batch (rows of a packed batch, image tokens), so that a new batch re-tunes only when its
+    size crosses a power of two instead of at every new value (each tuning times every config)."""
+    return max(floor, 1 << (max(size, 1) - 1).bit_length())
+
+
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype a fused op's matrix products run in: autocast's for the tensor's device when it is on."""
     device_type = tensor.device.type
@@ -222,5 +230,6 @@ __all__ = [
     "make_jit",
     "reduction_programs",
     "row_launch_settings",
+    "size_bucket",
     "triton_status",
 ]

@@ -218,3 +218,45 @@ def test_limits_raise_value_error():
     fused = projector_scatter(embeds.clone(), features, rows, w1, b1, w2, b2, norm_w, norm_b, impl="triton")
     torch.testing.assert_close(fused, projector_scatter(embeds, features, rows, w1, b1, w2, b2, norm_w, norm_b),
                                rtol=0, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_autotuning_keys_on_the_rows_power_of_two(monkeypatch):
+    """A batch with a new image count re-tunes the GEMMs only when its rows cross a power of two: the autotune
+    key is the bucketed size, not the exact one (which would time every config at every new count). Two configs
+    and a stub timer stand in for the GPU's list, so the tuning cache fills under the interpreter too."""
+    import triton
+
+    from vlm_core.kernels.fused_projector_kernels import _kernels
+    from vlm_core.kernels.triton_runtime import interpreting
+
+    matmul = _kernels(interpreting()).matmul
+    first = matmul.configs[0]
+    twin = triton.Config({**first.kwargs, "GROUP_M": first.kwargs["GROUP_M"] + 1}, num_warps=first.num_warps,
+                         num_stages=first.num_stages)  # fmt: skip
+    timed = []
+
+    def bench(*args, config, **kwargs):
+        timed.append(config)
+        return [1.0 if config is first else 2.0]
+
+    monkeypatch.setattr(matmul, "configs", [first, twin])
+    monkeypatch.setattr(matmul, "_bench", bench)
+    monkeypatch.setattr(matmul, "cache", {})
+    dims = (8, 16, 8)
+
+    def forward_backward(images):
+        rows = list(range(0, 2 * images, 2))
+        tensors, grad_out, index = make_inputs(2 * images, rows, dims, torch.float32, DEVICE, f"bucket{images}")
+        features = tensors["features"].requires_grad_()
+        args = [tensors[key] for key in NAMES[2:6]]
+        out = projector_scatter_triton(tensors["embeds"], features, index, *args)
+        out.backward(grad_out)
+        return len(matmul.cache)
+
+    keys_at_20 = forward_backward(20)  # 20 rows: bucket 32
+    assert keys_at_20 >= 2 and len(timed) == 2 * keys_at_20  # each new key timed both configs
+    assert forward_backward(27) == keys_at_20  # 27 rows, the same bucket: nothing re-tuned
+    assert len(timed) == 2 * keys_at_20
+    assert forward_backward(40) > keys_at_20  # 40 rows: bucket 64, tuned anew
+    assert all(config is first for config in matmul.cache.values())  # the faster config is the one kept
