@@ -219,6 +219,29 @@ def packed_attention(
     return ATTENTION_IMPLS[impl](q, k, v, cu_seqlens, max_seqlen, bidir_group=bidir_group, softmax_scale=softmax_scale)
 
 
+def prepare_packed_attention(
+    cu_seqlens: torch.Tensor, max_seqlen: int, bidir_group: torch.Tensor | None, total: int, impl: str
+) -> None:
+    """Take now the host reads that the first :func:`packed_attention` call on this packing would take.
+
+    That is the value checks of ``cu_seqlens`` and, for ``impl="triton"``, the kernel's attention windows, one
+    device sync each. A model calls this before it queues the forward's GPU work; its layers then find both
+    in the per-batch memos (packing_memo.py) and never sync. A sync in the first layer instead would hold the
+    host until the vision tower and the projector had run, with nothing queued behind them. Raises the
+    ValueError that call would raise on a malformed ``cu_seqlens``.
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+        return  # malformed: the first packed_attention call raises its own error
+    _checked_cu_seqlens.get(cu_seqlens, None, (total, max_seqlen),
+                            lambda: _check_cu_seqlens_values(cu_seqlens, total, max_seqlen))  # fmt: skip
+    well_formed = bidir_group is None or (
+        bidir_group.dim() == 1 and bidir_group.dtype == torch.int32 and bidir_group.numel() == total)
+    if impl == "triton" and well_formed:
+        module, _ = _triton_module()
+        if module is not None:  # else the layers' calls raise the reason
+            module.batch_windows(cu_seqlens, bidir_group, total)
+
+
 def attn_impl_status(
     name: str, device: str | torch.device, needs_bidir: bool = True, needs_backward: bool = True
 ) -> tuple[bool, str]:
@@ -380,6 +403,7 @@ __all__ = [
     "attn_impl_status",
     "kernel_impl_status",
     "packed_attention",
+    "prepare_packed_attention",
     "packed_attention_flash_attn",
     "packed_attention_flex",
     "packed_attention_mask",

@@ -268,8 +268,8 @@ def _check_limits(hidden, weight, labels, token_weight, chunk_tokens) -> None:
         raise ValueError(f"linear_cross_entropy_triton: chunk_tokens={chunk_tokens} must be >= 1 (or None)")
 
 
-def _check_labels(labels: torch.Tensor, n_vocab: int, ignore_index: int) -> None:
-    """Labels must be in [0, V) or ignore_index (reads two numbers on the host: one sync)."""
+def check_labels(labels: torch.Tensor, n_vocab: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """Labels must be in [0, V) or ignore_index, else ValueError (reads two numbers on the host: one sync)."""
     if labels.numel() == 0:
         return
     valid = labels[labels != ignore_index]
@@ -287,6 +287,7 @@ def linear_cross_entropy_triton(
     token_weight: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
+    labels_checked: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels``, summed, never holding more than a chunk of logits.
 
@@ -297,19 +298,22 @@ def linear_cross_entropy_triton(
         token_weight: None or (N,) float32; token i's loss is multiplied by it (lm_loss's per-sample
             weighting). No gradient flows to it.
         chunk_tokens: tokens per chunk; None picks ~1 GiB of logits per chunk.
+        labels_checked: the caller ran :func:`check_labels` on these labels already. lm_loss does, before
+            its forward: the check here, after the forward is queued, would hold the host until it had run.
     Returns:
         A float32 scalar, differentiable in hidden and weight (gradients in their dtypes).
 
     The logits of a chunk are one GEMM in the compute dtype, the softmax and loss are float32, and
     ``d weight`` accumulates in float32. The gradients are computed in the forward (only for the inputs
     that require them) and kept until the backward: N x D plus a float32 V x D. Checks that every label
-    is in range (one host sync). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only).
+    is in range (one host sync) unless ``labels_checked``. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only).
     Every limit raises ValueError. Tested in tests/vlm_core/kernels/test_linear_cross_entropy.py
     against a float64 reference (interpreter on the CPU; the GPU cases there, V=151,936, were not run
     when this was written).
     """
     _check_limits(hidden, weight, labels, token_weight, chunk_tokens)
-    _check_labels(labels, weight.shape[0], ignore_index)
+    if not labels_checked:
+        check_labels(labels, weight.shape[0], ignore_index)
     return _LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), labels.contiguous(),
         token_weight.contiguous() if token_weight is not None else None, int(ignore_index), chunk_tokens,

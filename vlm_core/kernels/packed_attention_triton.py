@@ -251,9 +251,7 @@ def packed_attention_triton(
     dq_mode = dq_mode or os.environ.get(DQ_MODE_ENV) or "separate"
     if dq_mode not in DQ_MODES:
         raise ValueError(f"packed_attention_triton: dq_mode={dq_mode!r} (or {DQ_MODE_ENV}); expected one of {DQ_MODES}")
-    windows = _last_windows.get(  # once per batch: a model's layers share cu_seqlens and bidir_group
-        cu_seqlens, bidir_group, (total,), lambda: packed_attention_windows(cu_seqlens, bidir_group, total)
-    )
+    windows = batch_windows(cu_seqlens, bidir_group, total)
     return _PackedAttentionFunction.apply(
         q.contiguous(),
         k.contiguous(),
@@ -263,6 +261,14 @@ def packed_attention_triton(
         float(scale),
         dq_mode == "atomic",
     )
+
+
+def batch_windows(cu_seqlens: torch.Tensor, bidir_group: torch.Tensor | None, total: int) -> AttentionWindows:
+    """The attention windows of a packing, built (with their one host sync) at the first call for it and
+    reused while the same unchanged tensors come back: a model's layers, or a model that asks for them before
+    it queues its forward (vlm_core.kernels.prepare_packed_attention)."""
+    return _last_windows.get(cu_seqlens, bidir_group, (total,),
+                             lambda: packed_attention_windows(cu_seqlens, bidir_group, total))  # fmt: skip
 
 
 def chosen_configs() -> dict[str, str]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_core.kernels import packed_attention, resolve_attn_impl, resolve_kernel_impls
+from vlm_core.kernels import packed_attention, prepare_packed_attention, resolve_attn_impl, resolve_kernel_impls
 from vlm_core.kernels.rmsnorm import MAX_DIM as RMSNORM_MAX_DIM
 from vlm_core.kernels.rmsnorm import rmsnorm_triton
 from vlm_core.kernels.rope import MAX_HEAD_DIM as ROPE_MAX_HEAD_DIM
@@ -275,6 +275,18 @@ class Decoder(nn.Module):
         """The LM head's weight [V, D] (the embedding matrix when tied), as ``logits`` uses it."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def prepare(
+        self, cu_seqlens: torch.Tensor, max_seqlen: int, bidir_group: Optional[torch.Tensor], total: int
+    ) -> None:
+        """Take the packing's host reads (packed_attention's checks, the Triton kernel's windows) now, before
+        the caller queues GPU work; ``forward`` on the same tensors then runs without a device sync."""
+        impl = self.select_attention(cu_seqlens.device)
+        prepare_packed_attention(cu_seqlens, max_seqlen, self._attention_groups(bidir_group), total, impl)
+
+    def _attention_groups(self, bidir_group: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The image spans attention sees: none with ``cfg.image_attention == "causal"`` (LLaVA's mask)."""
+        return None if self.cfg.image_attention == "causal" else bidir_group
+
     def forward(
         self,
         embeds: torch.Tensor,
@@ -292,8 +304,7 @@ class Decoder(nn.Module):
         """
         self.select_attention(embeds.device)
         self.select_kernels(embeds.device)
-        if self.cfg.image_attention == "causal":
-            bidir_group = None  # LLaVA's mask: image tokens attend causally like text
+        bidir_group = self._attention_groups(bidir_group)
         cos, sin = self.rotary(position_ids, max_seqlen)  # [total, Dh] each, shared by all layers
         x = embeds
         for block in self.layers:

@@ -77,16 +77,23 @@ class VLM(nn.Module):
         """images [N_img, C, H, W] -> projected image tokens [N_img, P, D]."""
         return self.projector(self.vision(images))
 
+    def select_kernels(self, device: torch.device) -> dict[str, str]:
+        """The fused kernel of each op on ``device`` (Decoder.select_kernels, once per device), the projector's
+        included: its problem must reach the first resolution, which is cached."""
+        return self.decoder.select_kernels(device, {"projector": fusable_projector_problem(self.projector)})
+
     def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Token embeddings [total, D], image placeholder rows replaced by image tokens.
 
         input_ids [total] int64 must hold exactly N_img * P ``image_token_id`` entries; they are
-        filled in order with the P tokens of image 0, then image 1, and so on (one host sync to
-        check the count).
+        filled in order with the P tokens of image 0, then image 1, and so on. One host sync finds
+        their rows (and so checks the count), before any GPU work of the forward is queued: a sync
+        after the vision tower would hold the host until the tower finished.
         """
-        embeds = self.decoder.embed_tokens(input_ids)  # [total, D]
         is_image = input_ids == self.image_token_id  # [total]
-        found = int(is_image.sum())
+        rows = is_image.nonzero().squeeze(1)  # [N_img * P], increasing: masked_scatter's order
+        found = rows.numel()
+        embeds = self.decoder.embed_tokens(input_ids)  # [total, D]
         num_images = images.shape[0]
         expected = num_images * self.num_image_tokens
         if found != expected:
@@ -95,20 +102,23 @@ class VLM(nn.Module):
                 f"x {self.num_image_tokens} tokens per image = {expected}; each <image> must expand to exactly "
                 f"P={self.num_image_tokens} tokens and every image in the batch must appear in input_ids"
             )
-        # Before the text-only return: the first resolution (cached per device) must see the projector's problem.
-        kernels = self.decoder.select_kernels(embeds.device, {"projector": fusable_projector_problem(self.projector)})
+        kernels = self.select_kernels(embeds.device)  # before the text-only return: it logs the choice
         if num_images == 0:
             return embeds
         if kernels["projector"] == "triton":  # one fused op: projector GEMMs with the scatter in the store
             features = self.vision(images).flatten(0, 1)  # [N_img * P, D_v]
-            rows = is_image.nonzero().squeeze(1)  # [N_img * P], increasing: masked_scatter's order
             return projector_module_scatter(self.projector, features, embeds, rows)
         image_tokens = self.encode_images(images).to(embeds.dtype)  # [N_img, P, D]
         image_tokens = image_tokens.reshape(expected, self.cfg.dim)  # [N_img * P, D]
         return embeds.masked_scatter(is_image[:, None], image_tokens)  # [total, D], filled in row order
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """Final-normed decoder states [total, D] of a packed batch (for a chunked loss)."""
+        """Final-normed decoder states [total, D] of a packed batch (for a chunked loss).
+
+        Every host read of the forward happens before its first GPU work is queued (the packing's checks and
+        attention windows here, the image rows in ``embed_inputs``), so the host can run ahead of the device.
+        """
+        self.decoder.prepare(batch.cu_seqlens, batch.max_seqlen, batch.bidir_group, batch.input_ids.numel())
         embeds = self.embed_inputs(batch.input_ids, batch.images)
         return self.decoder(embeds, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.bidir_group)
 

@@ -11,7 +11,7 @@ from torch import nn
 from vlm_core.data.curriculum import CurriculumStream, sample_difficulty, sample_in_skills
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.packing import PackedLoader, SampleStream
-from vlm_core.kernels.linear_cross_entropy import linear_cross_entropy_triton
+from vlm_core.kernels.linear_cross_entropy import check_labels, linear_cross_entropy_triton
 from vlm_core.parallel.data import DataParallelStream
 from vlm_core.parallel.loss import token_cross_entropy
 from vlm_core.train.loop import StepOutput
@@ -78,24 +78,33 @@ def lm_loss(model: nn.Module, batch: PackedBatch, per_sample: bool = False) -> S
     packed tokens, and the [total, V] logits of the rest would be computed only to be ignored. With the
     fused kernels (``model.kernel_impl``) not even those logits exist at once.
     """
-    hidden = model.hidden_states(batch)  # [total, D]
-    supervised = batch.labels != IGNORE_INDEX  # [total]
-    hidden, labels = hidden[supervised], batch.labels[supervised]  # [n_labels, D], [n_labels]
+    # What needs the host (which rows carry a label, how many units) is read before the forward is queued: a
+    # boolean index of its output would hold the host until the whole forward had run on the device.
+    label_rows = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)  # [n_labels], one host sync
+    labels = batch.labels[label_rows]  # [n_labels]
+    select = getattr(model, "select_kernels", None)  # the VLM's; a stand-in model may have none
+    impls = select(batch.labels.device) if select is not None else getattr(model.decoder, "kernel_impls", {})
+    fused_head = impls.get("linear_cross_entropy") == "triton"
+    if fused_head:
+        check_labels(labels, model.decoder.head_weight.shape[0])  # ValueError if out of the vocabulary
     stats = {"tokens": batch.num_real_tokens, "slots": batch.total, "samples": batch.num_samples}
     sample_tokens = None  # per_sample: [n_labels], the supervised-token count of each token's sample
     if per_sample:
         seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # [n_segments]
-        segment = torch.repeat_interleave(torch.arange(len(seqlens), device=seqlens.device), seqlens)  # [total]
-        owner = segment[supervised]  # [n_labels]: the segment (sample) of each supervised token
+        segment = torch.repeat_interleave(torch.arange(len(seqlens), device=seqlens.device), seqlens,
+                                          output_size=batch.total)  # [total]
+        owner = segment[label_rows]  # [n_labels]: the segment (sample) of each supervised token
         per_segment = torch.bincount(owner, minlength=len(seqlens)).to(torch.float32)  # [n_segments]
         sample_tokens, units = per_segment[owner], int((per_segment > 0).sum())
     else:
-        units = int(supervised.sum())
-    if getattr(model.decoder, "kernel_impls", {}).get("linear_cross_entropy") == "triton":
+        units = label_rows.numel()
+    hidden = model.hidden_states(batch)[label_rows]  # [n_labels, D]: only these rows go through the LM head
+    if fused_head:
         # Fused and chunked (vlm_core/kernels/linear_cross_entropy.py): Decoder.select_kernels chose it, so the
         # head is a plain single-device layer; the gradients are computed in the forward's pass.
         token_weight = None if sample_tokens is None else sample_tokens.reciprocal()  # each sample weighs 1
-        loss_sum = linear_cross_entropy_triton(hidden, model.decoder.head_weight, labels, token_weight)
+        loss_sum = linear_cross_entropy_triton(hidden, model.decoder.head_weight, labels, token_weight,
+                                               labels_checked=True)
     else:
         # [n_labels]; under tensor parallelism from this rank's vocabulary slice of the logits (never gathered)
         token_loss = token_cross_entropy(model.decoder, hidden, labels)

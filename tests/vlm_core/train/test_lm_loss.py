@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlm_core.train.lm import lm_loss
 from vlm_core.types import IGNORE_INDEX, PackedBatch
@@ -53,3 +56,82 @@ def test_token_and_sample_weighting() -> None:
     expected = per_token[1] + per_token[4:7].sum() / 3
     torch.testing.assert_close(by_samples.loss_sum, expected)
     assert by_samples.loss_sum.item() != pytest.approx(by_tokens.loss_sum.item())
+
+
+# ops that copy a device value to the host (a sync on CUDA)
+HOST_READS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "item", "tolist", "_unique2", "unique_dim"}
+
+
+class _Recorder(TorchDispatchMode):
+    """The ATen ops run, in order; Tensor.tolist (a host read that dispatches no op) counted as "tolist"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("image_attention", "attn_impl"),
+                         [("bidirectional", "reference"), ("causal", "reference"), ("bidirectional", "triton")])
+def test_the_step_reads_the_device_only_before_its_forward(monkeypatch, image_attention, attn_impl) -> None:
+    """On a GPU, a host read (nonzero, item, tolist) after the forward's first kernel holds the host until
+    everything queued has run; before it, the read costs nothing. lm_loss on a real VLM reads the label rows, the
+    image rows, cu_seqlens' checks (and, with Triton, the windows) before its first embedding or convolution."""
+    if attn_impl == "triton":
+        from vlm_core.kernels.triton_runtime import triton_status
+
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        ok, reason = triton_status("cuda" if torch.cuda.is_available() else "cpu")
+        if not ok:
+            pytest.skip(reason)
+    from benchmarks.bench_train import model_config
+    from vlm_core.data.packing import pack
+    from vlm_core.kernels import packing_memo
+    from vlm_core.model.vlm import VLM
+    from vlm_core.types import TokenizedSample
+
+    # with "triton", every fused kernel too: the projector, and the LM head whose label check reads the host
+    cfg = replace(model_config("tiny"), image_attention=image_attention, attn_impl=attn_impl, kernel_impl=attn_impl,
+                  layers=1)
+    model = VLM(cfg, vocab_size=50, image_token_id=49)
+    P = cfg.vision.num_patches
+    g = torch.Generator().manual_seed(0)
+
+    def sample(text: int) -> TokenizedSample:
+        ids = torch.cat([torch.full((P,), 49), torch.randint(0, 40, (text,), generator=g)])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[-3:] = True
+        groups = torch.cat([torch.ones(P, dtype=torch.int32), torch.zeros(text, dtype=torch.int32)])
+        return TokenizedSample(ids, mask, groups, torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size,
+                                                              generator=g))
+
+    batch = pack([sample(5), sample(9), sample(2)], 2 * (P + 9))
+    for memo in [v for v in vars(packing_memo).values()]:
+        if isinstance(memo, packing_memo.LastPacking):
+            memo.clear()
+    recorder = _Recorder()
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(tensor):
+        recorder.ops.append("tolist")
+        return real_tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    with recorder:
+        out = lm_loss(model, batch)
+    ops = recorder.ops
+    first_work = min(ops.index(name) for name in ("embedding", "convolution"))
+    reads = [i for i, name in enumerate(ops) if name in HOST_READS]
+    assert reads and "tolist" in ops, ops[:first_work + 1]  # the reads this test is about did happen
+    assert max(reads) < first_work, [ops[i] for i in reads if i > first_work]
+    assert out.units == 9
+    expected = {"linear_cross_entropy": "triton", "projector": "triton"} if attn_impl == "triton" else {}
+    assert expected.items() <= model.decoder.kernel_impls.items()
+    if attn_impl == "triton":  # the fused head's label check, moved before the forward, still raises
+        batch.labels[batch.labels != IGNORE_INDEX] = 999
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            lm_loss(model, batch)
