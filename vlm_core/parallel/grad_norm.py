@@ -11,8 +11,13 @@ import torch.distributed as dist
 from vlm_core.parallel.env import ParallelEnv
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, env: ParallelEnv | None = None) -> float:
+def clip_grad_norm_(
+    params: Iterable[torch.Tensor], max_norm: float, env: ParallelEnv | None = None
+) -> torch.Tensor | float:
     """Scale gradients so that their global L2 norm is at most ``max_norm``; return the norm before scaling.
+
+    Without tensor parallelism the norm is a 0-d tensor on the gradients' device, left there (reading it
+    would hold the host until the backward had run, before the optimizer's launches); with it, a float.
 
     Without tensor parallelism (``env`` None or TP=1) this is ``torch.nn.utils.clip_grad_norm_`` itself
     (bit-identical to a run before parallelism existed). With it, a split parameter contributes the squares
@@ -23,7 +28,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, env: Parall
     params = [p for p in params if p.grad is not None]
     if env is None or not env.tensor_parallel:
         # foreach left to torch, as the optimizer's: per-tensor norms in one multi-tensor kernel on CUDA
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     device = env.collective_device
     split = torch.zeros((), dtype=torch.float64, device=device)
     replicated = torch.zeros((), dtype=torch.float64, device=device)

@@ -147,7 +147,9 @@ def run_stage(
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         total_units = 0
-        stats: dict[str, float] = {"loss_sum": 0.0}
+        # device values stay tensors until a log line needs them: a float() here would hold the host until the
+        # backward had run, with the optimizer's launches still to come
+        stats: dict[str, float | torch.Tensor] = {"loss_sum": 0.0}
         micros = source.next_step()
         for index, micro in enumerate(micros):
             with autocast(context.device, context.bf16):
@@ -157,29 +159,32 @@ def run_stage(
                     out = loss_fn(model, micro)
             out.loss_sum.backward()
             total_units += out.units
-            stats["loss_sum"] += float(out.loss_sum.detach())
+            stats["loss_sum"] = stats["loss_sum"] + out.loss_sum.detach().double()  # as exact as a float sum
             for key, value in out.stats.items():
-                stats[key] = stats.get(key, 0.0) + float(value)
+                value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+                stats[key] = stats.get(key, 0.0) + value
         if data_parallel:  # the step's loss, units and counters over the union batch of the DP ranks
             stats = all_reduce_sums({**stats, "units": total_units}, env, env.dp_group())
             total_units = round(stats.pop("units"))
         if total_units == 0:
             raise RuntimeError(f"stage {spec.name} step {stage_step}: the batch has no supervised tokens")
-        for param in params:  # loss_sum / total_units, applied once to the accumulated gradient
-            if param.grad is not None:
-                param.grad.div_(total_units)
+        # loss_sum / total_units, applied once to the accumulated gradient; one multi-tensor kernel on CUDA
+        grads = [param.grad for param in params if param.grad is not None]
+        if grads:  # (none: a micro-batch that reached no trained parameter)
+            torch._foreach_div_(grads, total_units)
         max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(params, max_norm, env)  # over the TP shards when the model is split
         optimizer.step()
 
         stats["units"] = total_units
-        stats["grad_norm_sum"] = grad_norm
+        stats["grad_norm_sum"] = grad_norm.double() if isinstance(grad_norm, torch.Tensor) else grad_norm
         stats["steps"] = 1
         for key, value in stats.items():
             window[key] = window.get(key, 0.0) + value
         step = spec.step_offset + stage_step
         progress.update(1)
         if stage_step % context.log_every == 0 or stage_step == spec.steps:
+            window = {key: float(value) for key, value in window.items()}  # the window's one host read
             elapsed = max(1e-9, time.perf_counter() - window_start)
             last = {
                 "loss": window["loss_sum"] / window["units"],

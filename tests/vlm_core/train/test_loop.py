@@ -84,3 +84,41 @@ def test_metrics_schedule_and_checkpoints(tmp_path: Path) -> None:
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000108"]  # keep_checkpoints=1
     state = json.loads((checkpoints / "step-000108" / "state.json").read_text())
     assert state["stage"] == "toy" and state["stage_step"] == 8 and state["data"] == {"position": 8}
+
+
+def test_steps_between_log_lines_read_nothing_back(tmp_path: Path, monkeypatch) -> None:
+    """A step that writes no log line leaves its loss and grad norm on the device: on a GPU, reading them
+    (float(), .item()) would hold the host until the backward had run, before it launched the optimizer. Only
+    a log line reads the window back. Counted as the ATen op behind every such read, _local_scalar_dense, outside
+    the optimizer's step (torch's AdamW reads its step counts, which it keeps on the host for CUDA parameters)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads_per_step: list[int] = [0]
+            self.active = True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.active and func.overloadpacket.__name__ == "_local_scalar_dense":
+                self.reads_per_step[-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = CountReads()
+    step = torch.optim.AdamW.step
+
+    def counted_step(self, *args, **kwargs):
+        counter.active = False
+        result = step(self, *args, **kwargs)
+        counter.active = True
+        counter.reads_per_step.append(0)  # what follows belongs to the next step (or this one's log line)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
+    with counter:
+        _, log = train(2, tmp_path)  # 8 steps, a log line every 2nd
+    reads = counter.reads_per_step
+    # reads[i]: step i's log line (after its optimizer step), then step i + 1's forward, backward and clipping
+    assert len(reads) == 9 and [reads[i] for i in (0, 1, 3, 5, 7)] == [0] * 5, reads
+    assert all(reads[i] > 0 for i in (2, 4, 6, 8)), reads  # steps 2, 4, 6, 8 log: their window is read back
+    assert len(log) == 4 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in log)
