@@ -500,6 +500,7 @@ class Profile:
     steps: int
     wall_ms: float  # the profiled steps, synchronised, profiler overhead included
     device_busy_ms: float | None  # union of the GPU kernels' intervals; None without a GPU
+    device_kernels: int | None  # GPU kernels (and copies) run in the profiled steps; None without a GPU
     ops: list[dict]  # the top ops: name, calls, self ms (device, or CPU without one), share of the device or CPU
 
 
@@ -530,10 +531,11 @@ def profile_steps(s: Setup, fn: tuple, steps: int, top: int) -> Profile:
         sync(s.device)
         wall_ms = (time.perf_counter() - start) * 1e3
     on_device = s.device.type == "cuda"
-    busy = None
+    busy = launched = None
     if on_device:
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         busy = _union_ms([(e.time_range.start, e.time_range.end) for e in kernels])
+        launched = len(kernels)
     averages = prof.key_averages()
 
     def self_us(entry) -> float:
@@ -543,7 +545,7 @@ def profile_steps(s: Setup, fn: tuple, steps: int, top: int) -> Profile:
     ranked = sorted((e for e in averages if self_us(e) > 0), key=self_us, reverse=True)[:top]
     ops = [{"op": e.key, "calls": e.count, "self ms / step": self_us(e) / 1e3 / steps,
             "share": self_us(e) / total_us} for e in ranked]
-    return Profile(steps, wall_ms, busy, ops)
+    return Profile(steps, wall_ms, busy, launched, ops)
 
 
 def profile_report(p: Profile, header: list[str], stem: str) -> str:
@@ -556,6 +558,12 @@ def profile_report(p: Profile, header: list[str], stem: str) -> str:
         busy = p.device_busy_ms / p.wall_ms
         lines.append(f"- GPU busy: {p.device_busy_ms / p.steps:.1f} ms per step, {busy:.0%} of the wall time "
                      f"(the union of the kernels' intervals); idle {1 - busy:.0%}: host-side time the kernels wait on")
+    if p.device_kernels:
+        per_step = p.device_kernels / p.steps
+        busy_us = p.device_busy_ms * 1e3 / p.device_kernels
+        lines.append(f"- GPU kernels: {per_step:,.0f} per step (copies and fills included), {busy_us:.1f} us of busy "
+                     "time each on average; at a few us of host time per launch, a step of short kernels is paced by "
+                     "its launches")
     lines += ["", f"Ops with the most self time on the {where}, per step:", "",
               f"| op | calls / step | self ms / step | share of {where} time |", "|---|---:|---:|---:|"]
     for op in p.ops:

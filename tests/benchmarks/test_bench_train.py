@@ -106,3 +106,16 @@ def test_batch_sizes_are_checked():
     for bad in (["0"], ["8", "8"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--batch-size", *bad])
+
+
+def test_profile_report_states_gpu_busy_share_and_kernel_count():
+    # the GPU branch of the report, from figures a GPU run would give: 2 steps, 300 ms wall, 120 ms busy, 4,000
+    # kernels -> 40% busy, 2,000 kernels a step, 30 us each on average
+    ops = [{"op": "aten::mm", "calls": 20, "self ms / step": 30.0, "share": 0.5}]
+    text = bench.profile_report(bench.Profile(2, 300.0, 120.0, 4000, ops), ["device: H100"], "train_small_cuda")
+    assert "- GPU busy: 60.0 ms per step, 40% of the wall time" in text
+    assert "idle 60%" in text
+    assert "- GPU kernels: 2,000 per step (copies and fills included), 30.0 us of busy time each" in text
+    assert "| aten::mm | 10 | 30.000 | 50.0% |" in text
+    cpu = bench.profile_report(bench.Profile(2, 300.0, None, None, ops), ["device: CPU"], "train_tiny_cpu")
+    assert "GPU" not in cpu.replace("on the CPU", "") and "share of CPU time" in cpu
