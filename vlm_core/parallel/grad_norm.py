@@ -16,11 +16,10 @@ def clip_grad_norm_(
 ) -> torch.Tensor | float:
     """Scale gradients so that their global L2 norm is at most ``max_norm``; return the norm before scaling.
 
-    Without tensor parallelism the norm is a 0-d tensor on the gradients' device, left there (reading it
-    would hold the host until the backward had run, before the optimizer's launches); with it, a float.
-
     Without tensor parallelism (``env`` None or TP=1) this is ``torch.nn.utils.clip_grad_norm_`` itself
-    (bit-identical to a run before parallelism existed). With it, a split parameter contributes the squares
+    (bit-identical to a run before parallelism existed), and the norm it returns is torch's 0-d tensor, left on
+    the gradients' device: reading it would hold the host until the backward had run, before it launched the
+    optimizer. With tensor parallelism the norm is a float. With it, a split parameter contributes the squares
     of its shard on each TP rank (summed over the group with one all-reduce), and a replicated one (norms,
     row-parallel biases) counts once: its gradient is the same on every rank of the group. DP ranks hold
     summed, identical gradients after the data-parallel reduce, so they agree on the norm without communicating.
