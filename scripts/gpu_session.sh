@@ -94,7 +94,7 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
         tests/vlm_core/kernels/test_ext.py
     run kernel-tests env VLM_TRITON_AUTOTUNE=first "$py" -m pytest -q -p no:cacheprovider \
         --junitxml="$out/junit-kernels.xml" --ignore=tests/vlm_core/kernels/test_ext.py tests/vlm_core/kernels \
-        tests/vlm_core/model/test_attn_impl_training.py
+        tests/vlm_core/model/test_attn_impl_training.py tests/vlm_core/train/test_lm_loss.py
     run kernel-tests-autotuned "$py" -m pytest -q -p no:cacheprovider -m gpu \
         --junitxml="$out/junit-kernels-autotuned.xml" tests/vlm_core/kernels
     ;;

@@ -63,15 +63,30 @@ HOST_READS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "
 
 
 class _Recorder(TorchDispatchMode):
-    """The ATen ops run, in order; Tensor.tolist (a host read that dispatches no op) counted as "tolist"."""
+    """The ATen ops run, in order; Tensor.tolist (a host read that dispatches no op) counted as "tolist".
 
-    def __init__(self) -> None:
+    With ``arm_cuda``, CUDA's sync debug mode is set to "error" at the forward's first GPU work (embedding or
+    convolution), so that on a GPU any synchronizing call after it raises, those no op list shows included (a
+    copy from pageable host memory, a stream synchronize)."""
+
+    FIRST_WORK = ("embedding", "convolution")
+
+    def __init__(self, arm_cuda: bool = False) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.arm_cuda = arm_cuda
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        if self.arm_cuda and name in self.FIRST_WORK and not set(self.FIRST_WORK) & set(self.ops):
+            torch.cuda.set_sync_debug_mode("error")
+        self.ops.append(name)
         return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exc):
+        if self.arm_cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        return super().__exit__(*exc)
 
 
 @pytest.mark.parametrize(("image_attention", "attn_impl"),
@@ -79,25 +94,28 @@ class _Recorder(TorchDispatchMode):
 def test_the_step_reads_the_device_only_before_its_forward(monkeypatch, image_attention, attn_impl) -> None:
     """On a GPU, a host read (nonzero, item, tolist) after the forward's first kernel holds the host until
     everything queued has run; before it, the read costs nothing. lm_loss on a real VLM reads the label rows, the
-    image rows, cu_seqlens' checks (and, with Triton, the windows) before its first embedding or convolution."""
+    image rows, cu_seqlens' checks (and, with Triton, the windows) before its first embedding or convolution.
+    With Triton on a GPU (scripts/gpu_session.sh check runs this file) the model runs on CUDA, and CUDA's sync
+    debug mode, armed at the first embedding or convolution, turns any later sync into an error."""
+    on_gpu = attn_impl == "triton" and torch.cuda.is_available()
     if attn_impl == "triton":
         from vlm_core.kernels.triton_runtime import triton_status
 
-        if not torch.cuda.is_available():
+        if not on_gpu:
             monkeypatch.setenv("TRITON_INTERPRET", "1")
-        ok, reason = triton_status("cuda" if torch.cuda.is_available() else "cpu")
+        ok, reason = triton_status("cuda" if on_gpu else "cpu")
         if not ok:
             pytest.skip(reason)
     from benchmarks.bench_train import model_config
     from vlm_core.data.packing import pack
-    from vlm_core.kernels import packing_memo
     from vlm_core.model.vlm import VLM
     from vlm_core.types import TokenizedSample
 
+    device = torch.device("cuda" if on_gpu else "cpu")
     # with "triton", every fused kernel too: the projector, and the LM head whose label check reads the host
     cfg = replace(model_config("tiny"), image_attention=image_attention, attn_impl=attn_impl, kernel_impl=attn_impl,
                   layers=1)
-    model = VLM(cfg, vocab_size=50, image_token_id=49)
+    model = VLM(cfg, vocab_size=50, image_token_id=49).to(device)
     P = cfg.vision.num_patches
     g = torch.Generator().manual_seed(0)
 
@@ -109,11 +127,12 @@ def test_the_step_reads_the_device_only_before_its_forward(monkeypatch, image_at
         return TokenizedSample(ids, mask, groups, torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size,
                                                               generator=g))
 
-    batch = pack([sample(5), sample(9), sample(2)], 2 * (P + 9))
-    for memo in [v for v in vars(packing_memo).values()]:
-        if isinstance(memo, packing_memo.LastPacking):
-            memo.clear()
-    recorder = _Recorder()
+    def batch():  # new tensors each time: the per-batch memos (packing_memo.py) miss, as on a new batch
+        return pack([sample(5), sample(9), sample(2)], 2 * (P + 9)).to(device)
+
+    if on_gpu:  # compiles and tunes the kernels of both passes (which syncs) and builds the RoPE tables
+        lm_loss(model, batch()).loss_sum.backward()
+    recorder = _Recorder(arm_cuda=on_gpu)
     real_tolist = torch.Tensor.tolist
 
     def tolist(tensor):
@@ -122,9 +141,10 @@ def test_the_step_reads_the_device_only_before_its_forward(monkeypatch, image_at
 
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     with recorder:
-        out = lm_loss(model, batch)
+        out = lm_loss(model, batch())
+        out.loss_sum.backward()  # the backward, on a GPU, is held to the same rule
     ops = recorder.ops
-    first_work = min(ops.index(name) for name in ("embedding", "convolution"))
+    first_work = min(ops.index(name) for name in recorder.FIRST_WORK)
     reads = [i for i, name in enumerate(ops) if name in HOST_READS]
     assert reads and "tolist" in ops, ops[:first_work + 1]  # the reads this test is about did happen
     assert max(reads) < first_work, [ops[i] for i in reads if i > first_work]
@@ -132,6 +152,7 @@ def test_the_step_reads_the_device_only_before_its_forward(monkeypatch, image_at
     expected = {"linear_cross_entropy": "triton", "projector": "triton"} if attn_impl == "triton" else {}
     assert expected.items() <= model.decoder.kernel_impls.items()
     if attn_impl == "triton":  # the fused head's label check, moved before the forward, still raises
-        batch.labels[batch.labels != IGNORE_INDEX] = 999
+        bad = batch()
+        bad.labels[bad.labels != IGNORE_INDEX] = 999
         with pytest.raises(ValueError, match="outside the vocabulary"):
-            lm_loss(model, batch)
+            lm_loss(model, bad)
