@@ -3,6 +3,7 @@ the table carries the header STYLE.md asks for; the FLOP formula counts what the
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks import bench_train as bench
@@ -101,8 +102,6 @@ def test_batch_sweep_gives_rows_per_batch_and_survives_out_of_memory(tmp_path, m
 
 
 def test_batch_sizes_are_checked():
-    import pytest
-
     for bad in (["0"], ["8", "8"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--batch-size", *bad])

@@ -116,6 +116,35 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: i
 _checked_cu_seqlens: LastPacking[bool] = LastPacking()
 
 
+def _check_packing(
+    cu_seqlens: torch.Tensor, max_seqlen: int, bidir_group: torch.Tensor | None, total: int
+) -> None:
+    """The checks of :func:`packed_attention` that depend on the packing alone (not on q, k, v).
+
+    The value checks on ``cu_seqlens`` read it on the host: one device sync for the first call on a
+    cu_seqlens tensor, none for the calls that follow on the same unchanged tensor (a model's other layers).
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"packed_attention: cu_seqlens must be 1-d int32 (n + 1,), got shape {tuple(cu_seqlens.shape)} "
+            f"dtype {cu_seqlens.dtype}; build it with torch.tensor(..., dtype=torch.int32)"
+        )
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"packed_attention: cu_seqlens needs at least 2 entries (one segment), got {cu_seqlens.numel()}")
+    if not isinstance(max_seqlen, int):
+        raise ValueError(f"packed_attention: max_seqlen={max_seqlen!r} must be an int >= the longest segment")
+    # the one host read: once per batch, not per layer (see packing_memo.py)
+    _checked_cu_seqlens.get(cu_seqlens, None, (total, max_seqlen),
+                            lambda: _check_cu_seqlens_values(cu_seqlens, total, max_seqlen))  # fmt: skip
+    if bidir_group is not None and (
+        bidir_group.dim() != 1 or bidir_group.dtype != torch.int32 or bidir_group.numel() != total
+    ):
+        raise ValueError(
+            f"packed_attention: bidir_group must be 1-d int32 of length total={total}, "
+            f"got shape {tuple(bidir_group.shape)} dtype {bidir_group.dtype}"
+        )
+
+
 def _check_packed_attention_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,11 +154,8 @@ def _check_packed_attention_inputs(
     bidir_group: torch.Tensor | None,
     softmax_scale: float | None,
 ) -> None:
-    """Raise ValueError on anything that breaks the contract of :func:`packed_attention`.
-
-    The value checks on ``cu_seqlens`` read it on the host: one device sync for the first call on a
-    cu_seqlens tensor, none for the calls that follow on the same unchanged tensor (a model's other layers).
-    """
+    """Raise ValueError on anything that breaks the contract of :func:`packed_attention` (the packing's part in
+    :func:`_check_packing`)."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
@@ -158,26 +184,9 @@ def _check_packed_attention_inputs(
             f"packed_attention: Hq={num_q_heads} query heads is not a multiple of Hkv={num_kv_heads} KV heads "
             "(grouped-query attention shares each KV head among Hq/Hkv query heads)"
         )
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"packed_attention: cu_seqlens must be 1-d int32 (n + 1,), got shape {tuple(cu_seqlens.shape)} "
-            f"dtype {cu_seqlens.dtype}; build it with torch.tensor(..., dtype=torch.int32)"
-        )
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"packed_attention: cu_seqlens needs at least 2 entries (one segment), got {cu_seqlens.numel()}")
-    if not isinstance(max_seqlen, int):
-        raise ValueError(f"packed_attention: max_seqlen={max_seqlen!r} must be an int >= the longest segment")
-    # the one host read: once per batch, not per layer (see packing_memo.py)
-    _checked_cu_seqlens.get(cu_seqlens, None, (total, max_seqlen),
-                            lambda: _check_cu_seqlens_values(cu_seqlens, total, max_seqlen))  # fmt: skip
-    if bidir_group is not None:
-        if bidir_group.dim() != 1 or bidir_group.dtype != torch.int32 or bidir_group.numel() != total:
-            raise ValueError(
-                f"packed_attention: bidir_group must be 1-d int32 of length total={total}, "
-                f"got shape {tuple(bidir_group.shape)} dtype {bidir_group.dtype}"
-            )
-        if bidir_group.device != q.device:
-            raise ValueError(f"packed_attention: bidir_group is on {bidir_group.device}, q on {q.device}")
+    _check_packing(cu_seqlens, max_seqlen, bidir_group, total)
+    if bidir_group is not None and bidir_group.device != q.device:
+        raise ValueError(f"packed_attention: bidir_group is on {bidir_group.device}, q on {q.device}")
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"packed_attention: softmax_scale={softmax_scale!r} must be positive (or None for 1/sqrt(Dh))")
 
@@ -228,15 +237,10 @@ def prepare_packed_attention(
     device sync each. A model calls this before it queues the forward's GPU work; its layers then find both
     in the per-batch memos (packing_memo.py) and never sync. A sync in the first layer instead would hold the
     host until the vision tower and the projector had run, with nothing queued behind them. Raises the
-    ValueError that call would raise on a malformed ``cu_seqlens``.
+    ValueError that call would raise on a malformed packing (cu_seqlens, max_seqlen, bidir_group).
     """
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-        return  # malformed: the first packed_attention call raises its own error
-    _checked_cu_seqlens.get(cu_seqlens, None, (total, max_seqlen),
-                            lambda: _check_cu_seqlens_values(cu_seqlens, total, max_seqlen))  # fmt: skip
-    well_formed = bidir_group is None or (
-        bidir_group.dim() == 1 and bidir_group.dtype == torch.int32 and bidir_group.numel() == total)
-    if impl == "triton" and well_formed:
+    _check_packing(cu_seqlens, max_seqlen, bidir_group, total)
+    if impl == "triton":
         module, _ = _triton_module()
         if module is not None:  # else the layers' calls raise the reason
             module.batch_windows(cu_seqlens, bidir_group, total)

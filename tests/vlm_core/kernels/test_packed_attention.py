@@ -245,3 +245,24 @@ def test_invalid_inputs_raise_value_error(case):
     modify(arguments)
     with pytest.raises(ValueError, match=message):
         packed_attention(**arguments)
+
+
+def test_prepare_raises_what_the_first_call_would():
+    """prepare_packed_attention runs packed_attention's packing checks (one function for both), so a model that
+    prepares its batch up front fails there with the same message."""
+    from vlm_core.kernels import prepare_packed_attention
+
+    good = torch.tensor([0, 3, 8], dtype=torch.int32)
+    prepare_packed_attention(good, 5, torch.zeros(8, dtype=torch.int32), 8, "reference")  # no error
+    q = torch.zeros(8, 2, 4)
+    cases = [
+        (good.float(), 5, None, "must be 1-d int32"),
+        (torch.tensor([0, 3, 7], dtype=torch.int32), 5, None, "end at total=8"),
+        (good, 4, None, "max_seqlen=4 must be an int >= the longest segment"),
+        (good, 5, torch.zeros(7, dtype=torch.int32), "bidir_group must be 1-d int32 of length total=8"),
+    ]
+    for cu_seqlens, max_seqlen, groups, message in cases:
+        with pytest.raises(ValueError, match=message):
+            prepare_packed_attention(cu_seqlens, max_seqlen, groups, 8, "reference")
+        with pytest.raises(ValueError, match=message):
+            packed_attention(q, q, q, cu_seqlens, max_seqlen, groups)
