@@ -5,7 +5,8 @@
 #   bash scripts/gpu_session.sh check       # versions, CUDA build of csrc/, every kernel test on the GPU
 #   bash scripts/gpu_session.sh attention   # bench_packed_attention.py at Dh 128 (the targets'; 447 s on an H100)
 #   bash scripts/gpu_session.sh attention64 # the same at Dh 64 (its own call: both overran one in 2026-11)
-#   bash scripts/gpu_session.sh fused       # bench_projector, bench_linear_cross_entropy, bench_norm_swiglu
+#   bash scripts/gpu_session.sh fused       # bench_projector (+ its launch-by-launch breakdown), bench_linear_cross_entropy,
+#                                           # bench_norm_swiglu
 #   bash scripts/gpu_session.sh train       # bench_train.py --model small (MFU at TP=1) at batch 64, 128 and 256,
 #                                           # then a profile of 3 steps at 64
 #   bash scripts/gpu_session.sh e2e         # train.py on the GPU (Triton kernels in the training loop): a
@@ -110,6 +111,8 @@ attention64)
     ;;
 fused)
     run projector "$py" benchmarks/bench_projector.py $(smoke_flag)
+    # each launch of ours at 64 images timed alone beside torch.mm of its operands: which GEMM the backward loses in
+    run projector-gemms "$py" benchmarks/bench_projector_gemms.py $(smoke_flag)
     run linear-ce "$py" benchmarks/bench_linear_cross_entropy.py $(smoke_flag)
     run norm-swiglu "$py" benchmarks/bench_norm_swiglu.py $(smoke_flag)
     run projector-layernorm "$py" benchmarks/bench_projector.py --layer-norm $(smoke_flag)

@@ -83,14 +83,14 @@ def _stage(root: Path, stage: str, **env) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_fused_stage_archives_its_four_results_and_its_log(copy):
+def test_fused_stage_archives_its_five_results_and_its_log(copy):
     proc = _stage(copy, "fused")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (copy / "out" / "fused.log").read_text()
-    assert log.count(": exit 0") == 4, log
+    assert log.count(": exit 0") == 5, log
     with tarfile.open(copy / "out" / "fused.tar.gz") as tar:
         names = set(tar.getnames())
-    ops = ("projector", "linear_cross_entropy", "norm_swiglu", "projector_layernorm")
+    ops = ("projector", "projector_gemms", "linear_cross_entropy", "norm_swiglu", "projector_layernorm")
     results = {f"benchmarks/results/{op}_smoke_cpu.md" for op in ops}
     assert results | {"./fused.log"} <= names
     assert not any(n.startswith("benchmarks/results/triton_compile") for n in names)  # only what this stage wrote
