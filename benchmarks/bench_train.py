@@ -95,7 +95,7 @@ from vlm_core.model.config import ModelConfig, VisionConfig
 from vlm_core.model.vlm import VLM
 from vlm_core.train.lm import lm_loss
 from vlm_core.train.loop import autocast, use_bf16
-from vlm_core.train.optim import build_optimizer
+from vlm_core.train.optim import build_optimizer, implementation
 from vlm_core.types import IGNORE_INDEX, TokenizedSample
 
 PROVIDERS = ("ours", "hf")
@@ -213,7 +213,8 @@ def step_fns(s: Setup, ours: VLM, hf: torch.nn.Module, mode: str, row_len: int) 
     pad_id = s.tokenizer.pad_token_id
     loss_fn = functools.partial(lm_loss, per_sample=False)  # HF's objective: the mean over supervised tokens
     ours_opt = build_optimizer(ours, TRAINABLE, 1e-4, 0.0, (0.9, 0.98))
-    hf_opt = torch.optim.AdamW(freeze_hf_tower(hf), lr=1e-4, betas=(0.9, 0.98))  # as ours: torch picks foreach
+    hf_params = freeze_hf_tower(hf)  # the same AdamW implementation as ours (fused on CUDA, torch's default elsewhere)
+    hf_opt = torch.optim.AdamW(hf_params, lr=1e-4, betas=(0.9, 0.98), **implementation(hf_params))
 
     def ours_step(batch) -> None:
         if mode == "forward":

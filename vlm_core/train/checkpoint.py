@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from vlm_core.train.optim import keep_implementation
+
 if TYPE_CHECKING:
     from vlm_core.parallel.checkpoint import Sharding
 
@@ -236,7 +238,7 @@ def load_optimizer_state(
         tensors = shards.shard_optimizer_tensors(full, optimizer, model, sharding)
     else:
         tensors = load_file(str(path / OPTIMIZER_FILE))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    optimizer.load_state_dict(keep_implementation(optimizer, _unflatten_optimizer(tensors, state["optimizer"])))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

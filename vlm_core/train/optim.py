@@ -42,10 +42,48 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # foreach left to torch: its multi-tensor update on CUDA (a handful of kernel launches per step instead of
-    # about seven per parameter, which a 24-layer decoder turns into ~1,500 launches), the per-parameter one on
-    # the CPU, where CI's bit-for-bit resume and parallelism tests run. Both are deterministic.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **implementation(decay + no_decay))
+
+
+# The param-group entries that pick how AdamW runs, not what it computes.
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's implementation for parameters on these devices: ``fused`` where all are on CUDA, else torch's
+    default.
+
+    On CUDA the fused update reads each parameter, gradient and moment once and writes them once, in one
+    kernel per dtype; torch's default there, foreach, runs a multi-tensor kernel per arithmetic step (about
+    ten passes over 272 M float32 values a step for ``small``). Elsewhere torch's default stays: the
+    per-parameter update on the CPU, where the README's figures and CI's bit-for-bit resume and parallelism
+    tests run. Both are deterministic.
+    """
+    return {"fused": True} if params and all(p.device.type == "cuda" for p in params) else {}
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """``state_dict`` with its param groups' implementation flags replaced by ``optimizer``'s own.
+
+    torch's ``load_state_dict`` takes every group entry from the saved dict, so a run resumed on a GPU from
+    a checkpoint written on the CPU would step with the CPU's implementation, and the reverse with the
+    GPU's. The flags belong to the device the run is on; the hyperparameters and moments to the checkpoint.
+    (torch also moves each ``step`` to its parameter's device when the group it reads is fused.)
+    """
+    groups = state_dict["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the optimizer state has {len(groups)} param groups; this optimizer has "
+                         f"{len(optimizer.param_groups)}")  # fmt: skip
+    merged = []
+    for saved, own in zip(groups, optimizer.param_groups):
+        group = dict(saved)
+        for flag in IMPLEMENTATION_FLAGS:
+            if flag in own:
+                group[flag] = own[flag]
+            else:
+                group.pop(flag, None)
+        merged.append(group)
+    return {**state_dict, "param_groups": merged}
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

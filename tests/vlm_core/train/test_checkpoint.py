@@ -58,6 +58,28 @@ def test_round_trip_resumes_bit_exactly(tmp_path: Path) -> None:
     assert train_steps(restored, restored_optimizer, 5, seed=2) == expected
 
 
+@pytest.mark.parametrize(("saved_fused", "running_fused"), [(False, True), (True, False)],
+                         ids=["cpu_run_resumed_fused", "fused_run_resumed_on_cpu"])
+def test_resume_keeps_the_running_optimizers_implementation(tmp_path: Path, saved_fused, running_fused) -> None:
+    """A checkpoint from one AdamW implementation resumes in the other (a CPU run continued on a GPU, where
+    build_optimizer fuses, and back): the moments and hyperparameters come from the checkpoint, the
+    implementation stays the running one's, and the steps go on as an uninterrupted run's."""
+    torch.manual_seed(0)
+    model = Tied()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, **({"fused": True} if saved_fused else {}))
+    train_steps(model, optimizer, 5, seed=1)
+    save_checkpoint(tmp_path, "step-000005", model, optimizer, {"step": 5})
+    expected = train_steps(model, optimizer, 5, seed=2)
+
+    restored = Tied()
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=0.5, **({"fused": True} if running_fused else {}))
+    load_optimizer_state(load_checkpoint(latest_checkpoint(tmp_path), restored).path, restored_optimizer)
+    group = restored_optimizer.param_groups[0]
+    assert bool(group["fused"]) is running_fused and group["lr"] == 1e-2
+    # the fused and per-parameter updates round differently in the last bits
+    torch.testing.assert_close(train_steps(restored, restored_optimizer, 5, seed=2), expected, rtol=1e-5, atol=0)
+
+
 def test_rng_state_restored(tmp_path: Path) -> None:
     torch.manual_seed(7)
     save_checkpoint(tmp_path, "a", Tied(), None, {"step": 0})

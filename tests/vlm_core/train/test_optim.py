@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlm_core.train.optim import build_optimizer, lr_at
+from vlm_core.train.optim import build_optimizer, implementation, keep_implementation, lr_at
 
 
 def test_schedule_warmup_peak_and_floor() -> None:
@@ -42,8 +42,8 @@ def test_build_optimizer_unknown_module() -> None:
 
 
 def test_cpu_update_is_the_per_parameter_one_bit_for_bit() -> None:
-    """build_optimizer leaves foreach to torch (multi-tensor on CUDA); on the CPU that is the per-parameter
-    update the bit-exact resume tests were written against."""
+    """build_optimizer leaves the CPU's AdamW to torch: the per-parameter update the bit-exact resume tests
+    were written against (fused is for CUDA: test_fused_where_every_parameter_is_on_cuda)."""
     torch.manual_seed(0)
     models = [Toy(), Toy()]
     models[1].load_state_dict(models[0].state_dict())
@@ -59,3 +59,30 @@ def test_cpu_update_is_the_per_parameter_one_bit_for_bit() -> None:
             optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_fused_where_every_parameter_is_on_cuda() -> None:
+    from types import SimpleNamespace
+
+    def on(*devices):
+        return [SimpleNamespace(device=torch.device(d)) for d in devices]
+
+    assert implementation(on("cuda", "cuda:0")) == {"fused": True}
+    assert implementation(on("cuda", "cpu")) == {}  # torch's fused AdamW wants one device type
+    assert implementation(on("cpu")) == {} and implementation([]) == {}
+    groups = build_optimizer(Toy(), ["vision", "decoder"], 1e-2, 0.1, (0.9, 0.95)).param_groups
+    assert all(not g["fused"] for g in groups)  # on the CPU: torch's default
+
+
+def test_loading_keeps_the_running_optimizers_implementation() -> None:
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, 2))]
+    fused = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.5}], fused=True)
+    saved = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.5}], lr=0.25,
+                              foreach=False).state_dict()
+    merged = keep_implementation(fused, saved)
+    assert [g["fused"] for g in merged["param_groups"]] == [True, True]
+    assert [g["foreach"] for g in merged["param_groups"]] == [None, None]
+    assert [(g["lr"], g["weight_decay"]) for g in merged["param_groups"]] == [(0.25, 0.01), (0.25, 0.5)]
+    assert saved["param_groups"][0]["foreach"] is False  # the caller's dict is left as it was
+    with pytest.raises(ValueError, match="2 param groups; this optimizer has 1"):
+        keep_implementation(torch.optim.AdamW(params), saved)
