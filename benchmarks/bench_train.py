@@ -24,6 +24,10 @@ Modes: ``forward`` (no autograd graph) and ``full`` (forward, backward and the o
 medians over the timed steps (after ``--warmup`` steps), with CUDA synchronised. ``tokens/s`` counts real
 tokens (padding excluded); "x vs hf" is ours' tokens/s over hf's from the same run.
 
+Ours packs each batch as ``train.py`` does on the device (``--pad-rows auto``): rows padded to ``--row-len`` on
+the CPU, the samples back to back without padding on a GPU (``data.pad_rows``); "slots/step" counts what it
+computed on. hf pads every sample to the batch's longest.
+
 ``--batch-size`` takes several values (``--batch-size 64 128 256``): each is timed in turn, on the first
 ``batch * steps`` samples of the same seeded order, and gets its own rows. A fixed cost per step (the host's
 Python and kernel launches) weighs less as the batch grows, so the MFU against the batch tells a host-bound
@@ -87,7 +91,7 @@ from curation.sources.world.config import WorldConfig
 from vlm_core.config import DataConfig
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.image import ImageProcessor
-from vlm_core.data.packing import pack
+from vlm_core.data.packing import pack, pad_rows_for
 from vlm_core.data.prepare import prepare_data
 from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
 from vlm_core.hf.export import siglip_hidden_states_can_end_normed
@@ -130,6 +134,7 @@ class Setup:
     device: torch.device
     bf16: bool
     adjusted: list[str]  # what was changed in the model config so that transformers can compute the same function
+    pad_rows: bool = True  # ours: packed rows padded to row_len (train.py's data.pad_rows, resolved for the device)
 
 
 def setup(model: str, batch_size: int, steps: int, device: torch.device, precision: str, data_cfg: DataConfig,
@@ -239,7 +244,7 @@ def step_fns(s: Setup, ours: VLM, hf: torch.nn.Module, mode: str, row_len: int) 
         hf_opt.step()
 
     return {
-        "ours": (lambda samples: pack(samples, row_len, pad_id=pad_id).to(s.device), ours_step),
+        "ours": (lambda samples: pack(samples, row_len, pad_id=pad_id, pad_rows=s.pad_rows).to(s.device), ours_step),
         "hf": (lambda samples: hf_inputs(samples, pad_id, s.device), hf_step),
     }
 
@@ -248,7 +253,7 @@ def loss_agreement(s: Setup, ours: VLM, hf: torch.nn.Module, row_len: int) -> fl
     """|ours - hf| of the fp32 mean loss of the first batch (the two must compute the same function)."""
     samples = s.batches[0]
     with torch.no_grad():
-        out = lm_loss(ours, pack(samples, row_len, pad_id=s.tokenizer.pad_token_id).to(s.device))
+        out = lm_loss(ours, pack(samples, row_len, pad_id=s.tokenizer.pad_token_id, pad_rows=s.pad_rows).to(s.device))
         ours_loss = float(out.loss_sum) / out.units
         hf_loss = float(hf(**hf_inputs(samples, s.tokenizer.pad_token_id, s.device)).loss)
     return abs(ours_loss - hf_loss)
@@ -378,6 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compiles, caches)")
     parser.add_argument("--row-len", type=int, default=None, help="packed row length (default 512 tiny, 2048 small)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--pad-rows", choices=("auto", "true", "false"), default="auto",
+                        help="ours: pad packed rows to --row-len (auto: as train.py on the device, padded on the CPU only)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--attn-impl", default="auto", help="ours: model.attn_impl (auto = the training default)")
@@ -418,7 +425,7 @@ def time_rows(s: Setup, ours: VLM, hf: torch.nn.Module, model_name: str, mode: s
         row = {"model": model_name, "batch": str(batch_size), "mode": mode, "provider": provider,
                "precision": precision, "real tokens/step": f"{real:.0f}"}
         if provider == "ours":
-            slots = statistics.mean(pack(b, row_len).total for b in s.batches)
+            slots = statistics.mean(pack(b, row_len, pad_rows=s.pad_rows).total for b in s.batches)
         else:
             slots = statistics.mean(len(b) * max(x.input_ids.numel() for x in b) for b in s.batches)
         row["slots/step"] = f"{slots:.0f}"
@@ -458,6 +465,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     s = setup(model_name, max(args.batch_size), args.steps, device, args.precision, data_cfg)
+    s.pad_rows = pad_rows_for(device, {"auto": None, "true": True, "false": False}[args.pad_rows])
     s.cfg = replace(s.cfg, attn_impl=args.attn_impl)
     ours, hf = build_models(s)
     agreement = loss_agreement(batches_of(s, args.batch_size[0]), ours, hf, row_len)
@@ -475,7 +483,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"versions: {versions()}",
         f"command: python benchmarks/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         (f"model: {model_name} ({sum(p.numel() for p in ours.parameters()):,} parameters, vocab {ours.vocab_size}), "
-         f"row_len {row_len}, {args.steps} timed steps after {args.warmup} warm-up steps at each batch size"),
+         f"row_len {row_len} ({'padded rows' if s.pad_rows else 'rows not padded'}), {args.steps} timed steps after {args.warmup} warm-up steps at each batch size"),
         f"loss |ours - hf| on the first batch in fp32: {agreement:.2e} (same weights, same function)",
         *(f"model config adjusted for transformers: {change}" for change in s.adjusted),
         f"MFU peak: {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: not on CPU (no meaningful peak)",

@@ -60,6 +60,9 @@ class DataConfig:
     path: Optional[str] = None  # source=manifest: a manifest.parquet written by curate.py
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     row_len: int = 512  # slots per packed row; a sample longer than this is an error, not a truncation
+    # pad each packed row to row_len (static shapes) or write the samples alone; None: padded on the CPU,
+    # not on a GPU (vlm_core.data.packing.pad_rows_for says why)
+    pad_rows: Optional[bool] = None
     on_bad_record: str = "quarantine"  # "quarantine": log and skip bad records; "error": stop at the first
     image_cache: bool = True  # keep decoded images in memory (the world's 25k 48x48 images take ~170 MB)
 

@@ -6,7 +6,7 @@ Shape letters used across the package (defined once, here):
 
     B        samples (or prompts) in a batch
     T        tokens of one sample
-    total    tokens of a packed batch, all samples back to back (rows × row_len, padding included)
+    total    tokens of a packed batch, all samples back to back (rows × row_len with padded rows)
     N_img    images in a batch
     P        image tokens per image (patch grid cells)
     C, H, W  image channels, height, width
@@ -78,7 +78,9 @@ class PackedBatch:
 
     The contract of DESIGN.md: attention from token i to j is allowed iff i and j are in the same
     segment of ``cu_seqlens`` and (j <= i or bidir_group[i] == bidir_group[j] != 0). The padding at the
-    end of each row forms its own segment, so ``cu_seqlens[-1] == total`` and shapes stay static.
+    end of each row forms its own segment, so ``cu_seqlens[-1] == total`` and shapes stay static; packed
+    without padding (``pack(..., pad_rows=False)``), the rows are only FFD's order of the samples and
+    ``total == num_real_tokens``.
     """
 
     input_ids: torch.Tensor  # [total] int64
@@ -95,7 +97,8 @@ class PackedBatch:
 
     @property
     def total(self) -> int:
-        return self.rows * self.row_len
+        """Slots in the stream: rows × row_len when the rows are padded, the samples' tokens when not."""
+        return self.input_ids.shape[0]
 
     @property
     def efficiency(self) -> float:

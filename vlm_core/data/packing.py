@@ -23,7 +23,7 @@ def _chunks(size: int, limit: int) -> list[int]:
     return [min(limit, size - start) for start in range(0, size, limit)]
 
 
-def pack(samples: Sequence[TokenizedSample], row_len: int, pad_id: int = 0) -> PackedBatch:
+def pack(samples: Sequence[TokenizedSample], row_len: int, pad_id: int = 0, pad_rows: bool = True) -> PackedBatch:
     """Pack ``samples`` into rows of ``row_len`` slots with first-fit-decreasing (FFD).
 
     Samples are taken longest first (ties by position, so the result is deterministic) and each goes into
@@ -41,6 +41,10 @@ def pack(samples: Sequence[TokenizedSample], row_len: int, pad_id: int = 0) -> P
     - ``images``: ``[N_img, C, H, W]`` in the order their tokens appear in ``input_ids`` (FFD reorders
       samples, so this is not the input order).
     - padding slots hold ``pad_id``, bidir group 0 and no label.
+
+    With ``pad_rows=False`` no padding is written: the stream is the samples back to back in the same order
+    (``total == num_real_tokens``), so no layer computes on padding; the shape then changes from batch to
+    batch (see :func:`pad_rows_for`).
 
     Raises ValueError when a sample is longer than ``row_len`` (naming it), or its tensors disagree.
     """
@@ -88,7 +92,7 @@ def pack(samples: Sequence[TokenizedSample], row_len: int, pad_id: int = 0) -> P
         # Padding is cut into segments no longer than the longest sample, so it never raises max_seqlen:
         # attention cost grows with max_seqlen^2 per segment, and one 400-slot padding segment beside
         # 30-token samples made the reference attention ~100x more expensive than the samples needed.
-        for padding in _chunks(free[row], max(lengths)):
+        for padding in _chunks(free[row], max(lengths)) if pad_rows else ():
             input_ids.append(torch.full((padding,), pad_id, dtype=torch.int64))
             position_ids.append(torch.arange(padding, dtype=torch.int64))
             bidir_group.append(torch.zeros(padding, dtype=torch.int32))
@@ -110,6 +114,21 @@ def pack(samples: Sequence[TokenizedSample], row_len: int, pad_id: int = 0) -> P
         num_samples=len(samples),
         num_real_tokens=sum(lengths),
     )
+
+
+def pad_rows_for(device: torch.device | str, setting: bool | None) -> bool:
+    """Whether packed rows are padded to ``row_len`` on ``device``: ``setting`` (``data.pad_rows``) when given,
+    else padded on the CPU and not on a GPU.
+
+    Padding keeps every batch the same shape; nothing here needs that (attention reads ``cu_seqlens``, and no
+    step is captured in a CUDA graph), and on a GPU it is compute spent on nothing: 13% of the slots of a
+    64-sample batch of ``small`` in benchmarks/bench_train.py. On the CPU it stays by default because the
+    committed CPU runs (README, benchmarks/results) were measured padded, and a different row count changes
+    the float rounding of their sums (the losses agree to about 5 digits, then drift apart).
+    """
+    if setting is not None:
+        return bool(setting)
+    return torch.device(device).type != "cuda"
 
 
 def _checked_length(sample: TokenizedSample, row_len: int) -> int:
@@ -227,7 +246,9 @@ class PackedLoader:
     read-ahead, so the stream's position is exactly what has been handed out).
     """
 
-    def __init__(self, dataset: SFTDataset, stream: SampleStream, row_len: int, pad_id: int | None = None) -> None:
+    def __init__(
+        self, dataset: SFTDataset, stream: SampleStream, row_len: int, pad_id: int | None = None, pad_rows: bool = True
+    ) -> None:
         if len(dataset) != stream.num_samples:
             raise ValueError(
                 f"stream draws from {stream.num_samples} samples but the dataset has {len(dataset)}; "
@@ -239,13 +260,14 @@ class PackedLoader:
         self.stream = stream
         self.row_len = row_len
         self.pad_id = dataset.encoder.pad_token_id if pad_id is None else pad_id
+        self.pad_rows = pad_rows
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return self
 
     def __next__(self) -> PackedBatch:
         indices = next(self.stream)
-        return pack([self.dataset[index] for index in indices], self.row_len, pad_id=self.pad_id)
+        return pack([self.dataset[index] for index in indices], self.row_len, pad_id=self.pad_id, pad_rows=self.pad_rows)
 
     def state_dict(self) -> dict[str, int]:
         return self.stream.state_dict()

@@ -27,6 +27,7 @@ from curation.sources.world import WorldPaths
 from vlm_core.config import JobConfig
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.image import ImageProcessor
+from vlm_core.data.packing import pad_rows_for
 from vlm_core.data.prepare import PreparedData, prepare_data
 from vlm_core.data.tokenizer import IMAGE_TOKEN, ChatEncoder, load_tokenizer
 from vlm_core.eval.evaluate import answer_questions, evaluate, render_table
@@ -180,6 +181,9 @@ def _run_job(cfg: JobConfig, env: ParallelEnv, show_progress: bool, scratch: Pat
     log.info("model %s: %s parameters", cfg.model.name, {k: f"{v:,}" for k, v in count_parameters(model).items()})
     log.info("device %s, %s matmuls (train.precision=%s)", device,
              "bf16" if use_bf16(cfg.train.precision, device) else "fp32", cfg.train.precision)
+    log.info("packed rows %s (data.pad_rows=%s)", f"padded to {cfg.data.row_len} slots"
+             if pad_rows_for(device, cfg.data.pad_rows) else "without padding: the samples back to back",
+             cfg.data.pad_rows)  # fmt: skip
     model.decoder.select_attention(device)  # logs the attention impl (and any fallback) before training
     if env.is_main:
         atomic_write_text(run_dir / "tokenizer_path.txt", str(data.tokenizer_dir) + "\n")
@@ -389,6 +393,7 @@ def _run_lm_stage(
         curriculum_steps=curriculum_steps, curriculum_start=cfg.train.curriculum_start,
         focus_skills=tuple(cfg.train.focus_skills), focus_steps=focus_steps,
         data_parallel=(env.dp_rank, env.dp_size) if env is not None else (0, 1),
+        pad_rows=pad_rows_for(device, cfg.data.pad_rows),
     )
     loss_fn = functools.partial(lm_loss, per_sample=cfg.train.loss_per_sample)
     _run_on_model(spec, trainable, source, loss_fn, summarize_lm, cfg, model, job, context)

@@ -34,6 +34,7 @@ class PackedSteps:
         self, dataset: SFTDataset, batch_size: int, grad_accum: int, row_len: int, seed: int,
         device: torch.device, curriculum_steps: int = 0, curriculum_start: int = 1,
         focus_skills: tuple[str, ...] = (), focus_steps: int = 0, data_parallel: tuple[int, int] = (0, 1),
+        pad_rows: bool = True,
     ) -> None:
         self.grad_accum = grad_accum
         self.device = device
@@ -51,7 +52,7 @@ class PackedSteps:
             stream = SampleStream(len(dataset), micro_batch, seed)
         if data_parallel[1] > 1:
             stream = DataParallelStream(stream, *data_parallel)
-        self.loader = PackedLoader(dataset, stream, row_len)
+        self.loader = PackedLoader(dataset, stream, row_len, pad_rows=pad_rows)
         self._iter = iter(self.loader)
 
     def next_step(self) -> list[PackedBatch]:

@@ -12,7 +12,7 @@ import torch
 
 from vlm_core.data.dataset import SFTDataset
 from vlm_core.data.image import ImageProcessor
-from vlm_core.data.packing import PackedLoader, SampleStream, pack
+from vlm_core.data.packing import PackedLoader, SampleStream, pack, pad_rows_for
 from vlm_core.data.tokenizer import ChatEncoder
 from vlm_core.types import IGNORE_INDEX, PackedBatch, Sample, TokenizedSample, Turn
 
@@ -123,6 +123,34 @@ def test_pack_invariants_on_random_samples(seed: int) -> None:
     samples = [random_sample(rng, index, row_len) for index in range(int(rng.integers(1, 20)))]
     batch = pack(samples, row_len, pad_id=PAD_ID)
     check_packed(batch, samples, row_len)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pack_without_padding_is_the_padded_stream_less_its_padding(seed: int) -> None:
+    rng = np.random.default_rng(50 + seed)
+    row_len = int(rng.choice([7, 37, 64]))
+    samples = [random_sample(rng, index, row_len) for index in range(int(rng.integers(1, 20)))]
+    padded = pack(samples, row_len, pad_id=PAD_ID)
+    owner = torch.tensor(check_packed(padded, samples, row_len))
+    flat = pack(samples, row_len, pad_id=PAD_ID, pad_rows=False)
+    real = owner >= 0
+    assert flat.total == flat.num_real_tokens == int(real.sum()) and flat.efficiency == 1.0
+    for name in ("input_ids", "position_ids", "bidir_group", "labels"):
+        assert torch.equal(getattr(flat, name), getattr(padded, name)[real]), name
+    assert torch.equal(flat.images, padded.images) and flat.rows == padded.rows
+    lengths = torch.diff(padded.cu_seqlens)
+    starts = padded.cu_seqlens[:-1].to(torch.int64)
+    sample_lengths = lengths[owner[starts] >= 0]  # the padded stream's segments that are samples, in order
+    assert torch.diff(flat.cu_seqlens).tolist() == sample_lengths.tolist()
+    assert flat.max_seqlen == max(len(sample.input_ids) for sample in samples)
+    # the attention pattern among real tokens is the padded one's
+    assert torch.equal(dense_attention_mask(flat.cu_seqlens, flat.bidir_group),
+                       dense_attention_mask(padded.cu_seqlens, padded.bidir_group)[real][:, real])
+
+
+def test_rows_are_padded_on_the_cpu_and_not_on_a_gpu_unless_set() -> None:
+    assert pad_rows_for("cpu", None) and not pad_rows_for(torch.device("cuda", 0), None)
+    assert not pad_rows_for("cpu", False) and pad_rows_for("cuda", True)
 
 
 @pytest.mark.parametrize("seed", range(10))

@@ -156,3 +156,43 @@ def test_the_step_reads_the_device_only_before_its_forward(monkeypatch, image_at
         bad.labels[bad.labels != IGNORE_INDEX] = 999
         with pytest.raises(ValueError, match="outside the vocabulary"):
             lm_loss(model, bad)
+
+
+def test_unpadded_rows_compute_the_padded_loss_and_gradients() -> None:
+    """Padding is its own segments with no labels and no image: a VLM's loss and gradients on a batch packed
+    without it (data.pad_rows=false, a GPU's default) are the padded batch's, up to float rounding."""
+    from benchmarks.bench_train import model_config
+    from vlm_core.data.packing import pack
+    from vlm_core.model.vlm import VLM
+    from vlm_core.types import TokenizedSample
+
+    torch.manual_seed(0)
+    cfg = replace(model_config("tiny"), layers=2)
+    model = VLM(cfg, vocab_size=50, image_token_id=49)
+    P = cfg.vision.num_patches
+    g = torch.Generator().manual_seed(1)
+
+    def sample(text: int, images: int) -> TokenizedSample:
+        ids = torch.cat([torch.full((P * images,), 49), torch.randint(0, 40, (text,), generator=g)])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[-4:] = True
+        groups = torch.cat([torch.arange(1, images + 1, dtype=torch.int32).repeat_interleave(P),
+                            torch.zeros(text, dtype=torch.int32)])
+        size = cfg.vision.image_size
+        return TokenizedSample(ids, mask, groups, torch.randn(images, 3, size, size, generator=g))
+
+    samples = [sample(7, 1), sample(12, 0), sample(5, 1), sample(9, 1)]
+    results = []
+    for pad_rows in (True, False):
+        batch = pack(samples, 2 * P + 15, pad_rows=pad_rows)
+        model.zero_grad()
+        out = lm_loss(model, batch, per_sample=True)
+        out.loss_sum.backward()
+        results.append((batch.total, out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (padded_total, padded, padded_grads), (flat_total, flat, flat_grads) = results
+    assert flat_total == sum(len(s.input_ids) for s in samples) < padded_total
+    assert flat.units == padded.units
+    torch.testing.assert_close(flat.loss_sum, padded.loss_sum)
+    assert flat_grads.keys() == padded_grads.keys()
+    for name, grad in flat_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], msg=lambda m, name=name: f"{name}: {m}")
