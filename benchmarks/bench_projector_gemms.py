@@ -12,7 +12,8 @@ then; the config goes in the table). Each recorded launch is then replayed alone
 peer is ``torch.mm`` (cuBLAS on a GPU) of the same logical operands in the same memory layouts, the gathered
 rows of d embeds materialized beforehand and no epilogue: the bare product our kernel's loads and epilogue
 add to. The last rows per pass: the sum of the launches, and the pass itself under autograd, timed whole (the
-difference is allocation, the d embeds copy and the casts of the float32 weight gradients). Replays write
+difference is allocation, torch's ops around the kernels: the copy of d embeds, the gather of its image rows
+for d W2, the casts of the float32 weight gradients). Replays write
 their outputs again; the LayerNorm backward overwrites its input in place, so its replays work on changed
 values (the same work, so the same time).
 
@@ -158,22 +159,15 @@ def operand_layout(strides: tuple[int, int], gathered: str, names: str) -> str:
     return major + (f", {gathered}" if gathered else "")
 
 
-def _logical(t: torch.Tensor, shape: tuple[int, int], strides: tuple[int, int], index: torch.Tensor | None,
-             gather_dim: int) -> torch.Tensor:  # fmt: skip
-    """The [rows, cols] operand the kernel addresses in ``t`` (row r of the gathered dim read at index[r]),
-    materialized in the same layout: a view where nothing is gathered, else a copy, still major along the
-    same dim."""
-    if index is None:
+def _logical(t: torch.Tensor, shape: tuple[int, int], strides: tuple[int, int], rows: torch.Tensor | None) -> torch.Tensor:
+    """The [m, k] operand the kernel addresses in ``t`` (row i read at rows[i] when given), in the same layout: a
+    view where nothing is gathered, else a K-major copy."""
+    if rows is None:
         return t.as_strided(shape, strides)
-    contiguous_dim = 1 if strides[1] == 1 else 0
-    if contiguous_dim == gather_dim:
-        raise ValueError(f"an operand gathered along its contiguous dim {gather_dim}; strides {strides}")
-    # the storage as [positions, contiguous extent], with the gathered dim first, then gathered and put back
-    extent = shape[contiguous_dim]
-    positions = (t.numel() - extent) // strides[gather_dim] + 1
-    base = t.as_strided((positions, extent), (strides[gather_dim], 1))
-    gathered = base.index_select(0, index.to(torch.int64))
-    return gathered if gather_dim == 0 else gathered.t()
+    if strides[1] != 1:
+        raise ValueError(f"rows gathered from an operand that is not K-major; strides {strides}")
+    base = t.as_strided(((t.numel() - shape[1]) // strides[0] + 1, shape[1]), (strides[0], 1))  # every whole row
+    return base.index_select(0, rows.to(torch.int64))
 
 
 def peer_operands(launch: Launch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +176,7 @@ def peer_operands(launch: Launch) -> tuple[torch.Tensor, torch.Tensor]:
     a_strides = (launch.arg("stride_am"), launch.arg("stride_ak"))
     b_strides = (launch.arg("stride_bk"), launch.arg("stride_bn"))
     rows_a = launch.arg("RowsA") if launch.arg("GATHER_A_ROWS") else None
-    index_k = launch.arg("IndexK") if launch.arg("GATHER_K") else None
-    a_source = launch.arg("A")
-    if rows_a is not None:
-        a = _logical(a_source, (m, k), a_strides, rows_a, 0)
-    else:
-        a = _logical(a_source, (m, k), a_strides, index_k, 1)
+    a = _logical(launch.arg("A"), (m, k), a_strides, rows_a)
     b = launch.arg("B").as_strided((k, n), b_strides)
     if a.dtype != b.dtype:  # float32 d embeds against half weights: the kernel rounds A per tile in its loads
         a = a.to(b.dtype)
@@ -196,7 +185,7 @@ def peer_operands(launch: Launch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gemm_columns(launch: Launch) -> dict[str, object]:
     m, n, k = launch.arg("M"), launch.arg("N"), launch.arg("K")
-    a_gather = "gathered rows" if launch.arg("GATHER_A_ROWS") else ("gathered K" if launch.arg("GATHER_K") else "")
+    a_gather = "gathered rows" if launch.arg("GATHER_A_ROWS") else ""
     a_gather += ", LayerNorm" if launch.arg("NORM_A") else ""
     b_extra = ", ".join(x for x, on in (("GELU", launch.arg("GELU_B")), ("LayerNorm", launch.arg("NORM_B"))) if on)
     return {"launch": GEMM_NAMES[launch.arg("kind")], "M": m, "N": n, "K": k,

@@ -46,7 +46,9 @@ def test_smoke_run_times_every_launch(layer_norm, tmp_path):
     peers = [r for r in rows if r["provider"] == "torch.mm"]
     assert len(peers) == 6 + 2  # a peer per GEMM and one sum per pass
     d_w2 = next(r for r in rows if r["launch"] == bpg.GEMM_NAMES[fpk._BWD_DW2])
-    assert (d_w2["A"], d_w2["B"]) == ("M-major, gathered K", "N-major")
+    assert (d_w2["A"], d_w2["B"]) == ("M-major", "N-major")  # d embeds' image rows, gathered beforehand
+    d_pre = next(r for r in rows if r["launch"] == bpg.GEMM_NAMES[fpk._BWD_DACT])
+    assert (d_pre["A"], d_pre["B"]) == ("K-major, gathered rows", "N-major")
     fc1 = next(r for r in rows if r["launch"] == bpg.GEMM_NAMES[fpk._FWD_GELU])
     assert fc1["A"] == ("K-major, LayerNorm" if layer_norm else "K-major") and fc1["B"] == "K-major"
 
@@ -79,11 +81,11 @@ def test_peer_operands_are_the_kernels_operands():
 def test_gathered_operand_keeps_its_layout():
     storage = torch.arange(40.0).reshape(10, 4)  # 10 rows of 4
     index = torch.tensor([7, 2, 5])
-    rows = bpg._logical(storage, (3, 4), (4, 1), index, 0)  # A[t, k] = storage[index[t], k]
+    rows = bpg._logical(storage, (3, 4), (4, 1), index)  # A[t, k] = storage[index[t], k]
     assert torch.equal(rows, storage[index]) and rows.stride() == (4, 1)
-    cols = bpg._logical(storage, (4, 3), (1, 4), index, 1)  # A[i, t] = storage[index[t], i], M-major
-    assert torch.equal(cols, storage[index].t()) and cols.stride() == (1, 4)
-    with pytest.raises(ValueError, match="contiguous dim"):
-        bpg._logical(storage, (3, 4), (4, 1), index, 1)
-    assert bpg.operand_layout((1, 4096), "gathered K", "MK") == "M-major, gathered K"
-    assert bpg.operand_layout((4096, 1), "", "KN") == "N-major"
+    plain = bpg._logical(storage, (4, 10), (1, 4), None)  # A = storage^T, M-major, a view
+    assert torch.equal(plain, storage.t()) and plain.data_ptr() == storage.data_ptr()
+    with pytest.raises(ValueError, match="not K-major"):
+        bpg._logical(storage, (4, 3), (1, 4), index)
+    assert bpg.operand_layout((1, 4096), "", "MK") == "M-major"
+    assert bpg.operand_layout((4096, 1), "gathered rows", "KN") == "N-major, gathered rows"

@@ -16,9 +16,10 @@ masked_scatter/concat with copies). Here:
 - backward: d act = (d embeds gathered at rows) @ W2 with GELU's derivative in the epilogue (the
   gather is in the GEMM's loads), which also writes gelu(pre) from the pre it loads (the activation is
   not saved by the forward, only rebuilt for the backward's d W2); d W2 = (gathered d embeds)^T @
-  gelu(pre), d W1 = d pre^T @ x, d x = d pre @ W1; d b1 as column sums
-  of d pre in d act's epilogue, d b2 as column sums of d embeds gathered at rows (a pass split over
-  rows). With the LayerNorm, d W1's loads normalize x again from the saved statistics, and d x is
+  gelu(pre) from a gathered copy of d embeds' image rows (gathered in the loads, the rows would be an
+  index inside d W2's K loop, which Triton pipelines with fewer buffers), d W1 = d pre^T @ x, d x =
+  d pre @ W1; d b1 as column sums of d pre in d act's epilogue, d b2 as column sums of that copy (a pass
+  split over rows). With the LayerNorm, d W1's loads normalize x again from the saved statistics, and d x is
   LayerNorm's backward of d pre @ W1: RMSNorm's row kernel in its LayerNorm mode, which also sums the
   norm's d weight and d bias per program, in float32.
 
@@ -147,7 +148,6 @@ def _matmul(
     k: int,
     *,
     rows_a: torch.Tensor | None = None,
-    index_k: torch.Tensor | None = None,
     gelu_b: bool = False,
     bias: torch.Tensor | None = None,
     epilogue: int = _STORE,
@@ -188,12 +188,12 @@ def _matmul(
 
     _kernels(interpreting()).matmul[grid](
         a, b, c, bias if bias is not None else dummy, pre_t, act if act is not None else dummy,
-        rows_a if rows_a is not None else dummy, index_k if index_k is not None else dummy,
+        rows_a if rows_a is not None else dummy,
         rows_c if rows_c is not None else dummy, *norm_args, col_sums,
         m, n, k, size_bucket(m), size_bucket(n), size_bucket(k), kind,
         a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
         pre_t.stride(0), pre_t.stride(1),
-        GATHER_A_ROWS=rows_a is not None, GATHER_K=index_k is not None, GELU_B=gelu_b,
+        GATHER_A_ROWS=rows_a is not None, GELU_B=gelu_b,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_ACT=act is not None, SCATTER_C=rows_c is not None,
         NORM_A=norm_a is not None, NORM_B=norm_b is not None, NORM_HAS_BIAS=norm is not None and norm.bias is not None,
         COL_SUM_C=sum_columns,
@@ -296,19 +296,26 @@ def _backward(grad_embeds, x, rows, w1, w2, pre, norm: _Norm | None, needs):
         act = torch.empty_like(pre) if need_w2 else None
         grad_b1 = _matmul(_BWD_DACT, grad_embeds, (stride_g, 1), w2, (dim_h, 1), grad_pre, m, dim_h, dim,
                           rows_a=rows, epilogue=_GELU_GRAD, pre=pre, act=act, sum_columns=need_b1)  # fmt: skip
+    grad_image = None
     if need_w2:
         # d w2 [D, D_h] = G[rows]^T @ gelu(pre): A[i, t] = G[rows[t], i]; B[t, j] = gelu(pre[t, j]), read from
         # act, or, when nothing needed d pre, recomputed in the loads (once per row tile of d w2: 32 times at
-        # D = 4096 with 128-row tiles, and the transformed B cannot go straight to shared memory)
+        # D = 4096 with 128-row tiles, and the transformed B cannot go straight to shared memory).
+        # G's image rows are gathered into a copy [M, D] first. Here the gather would be along K, inside the
+        # loop (d act's is along M, outside it), and a load whose address is another load in the loop makes
+        # Triton keep two operand buffers instead of num_stages: 2 against 3-4 at 128x256 when compiled for
+        # sm_90, in the longest K loop of the op (K = M). The copy costs one read and write of [M, D].
+        grad_image = grad_embeds.index_select(0, rows)  # [M, D]
         grad_w2 = torch.empty((dim, dim_h), dtype=torch.float32, device=x.device)
         if act is not None:
-            _matmul(_BWD_DW2, grad_embeds, (1, stride_g), act, (dim_h, 1), grad_w2, dim, dim_h, m, index_k=rows)
+            _matmul(_BWD_DW2, grad_image, (1, dim), act, (dim_h, 1), grad_w2, dim, dim_h, m)
             del act
         else:
-            _matmul(_BWD_DW2_GELU, grad_embeds, (1, stride_g), pre, (dim_h, 1), grad_w2, dim, dim_h, m,
-                    index_k=rows, gelu_b=True)  # fmt: skip
-    if need_b2:
-        grad_b2 = _column_sum(grad_embeds, m, rows, torch.float32)
+            _matmul(_BWD_DW2_GELU, grad_image, (1, dim), pre, (dim_h, 1), grad_w2, dim, dim_h, m, gelu_b=True)
+    if need_b2:  # from the gathered copy where there is one, else gathering in the loads
+        grad_b2 = (_column_sum(grad_image, m, None, torch.float32) if grad_image is not None
+                   else _column_sum(grad_embeds, m, rows, torch.float32))  # fmt: skip
+    del grad_image
     if grad_pre is not None:
         if need_w1:
             # d w1 [D_h, D_v] = d pre^T @ norm(x): A[i, t] = dpre[t, i]; B[t, j] = norm(x)[t, j].

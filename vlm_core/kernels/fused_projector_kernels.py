@@ -65,7 +65,6 @@ def _matmul_kernel(
     Pre,
     Act,
     RowsA,
-    IndexK,
     RowsC,
     Mean,
     Rstd,
@@ -88,7 +87,6 @@ def _matmul_kernel(
     stride_pm,
     stride_pn,
     GATHER_A_ROWS: tl.constexpr,
-    GATHER_K: tl.constexpr,
     GELU_B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr,
@@ -107,9 +105,10 @@ def _matmul_kernel(
 ):
     """C[m, n] = sum_k A[m, k] B[k, n] (float32 accumulation), addressed through strides and index vectors.
 
-    A[m, k] is at A + a_row(m) * stride_am + a_col(k) * stride_ak with a_row(m) = RowsA[m] when
-    GATHER_A_ROWS (else m) and a_col(k) = IndexK[k] when GATHER_K (else k): the gather of d embeds
-    at the image rows, in the backward. B[k, n] is at B + k * stride_bk + n * stride_bn, passed
+    A[m, k] is at A + a_row(m) * stride_am + k * stride_ak with a_row(m) = RowsA[m] when GATHER_A_ROWS
+    (else m): d act's gather of d embeds at the image rows, whose row offsets are loaded once, before the
+    K loop (a gather along K would put a dependent load in the loop, which costs the loop its operand
+    buffers: fused_projector._backward gathers d W2's rows beforehand). B[k, n] is at B + k * stride_bk + n * stride_bn, passed
     through GELU when GELU_B. Epilogues: _STORE (+ bias), _BIAS_GELU (Pre := acc + bias, C :=
     gelu(acc + bias)), _GELU_GRAD (C := acc * gelu'(Pre[m, n]); with STORE_ACT also Act := gelu(Pre), in
     Pre's layout, for d W2 to read plainly). C row m is RowsC[m] when SCATTER_C.
@@ -149,9 +148,8 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        a_cols = _positions(IndexK, offs_k, k_ok, GATHER_K)
         a = tl.load(
-            A + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
+            A + a_rows[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak,
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
@@ -240,10 +238,13 @@ def _layer_norm_stats_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for triton.autotune on a GPU: the Triton matmul
-# tutorial's Hopper/Ampere configs for half precision; float32 uses exact ("ieee") products on CUDA
-# cores, where only small tiles avoid spills. Not yet swept on a GPU.
+# tutorial's Hopper/Ampere configs for half precision, and its widest tile with a fourth operand buffer
+# (192 KiB of shared memory; the loads are cp.async, not TMA, so a deeper queue hides more latency);
+# float32 uses exact ("ieee") products on CUDA cores, where only small tiles avoid spills. Not yet swept
+# on a GPU.
 _GPU_CONFIGS = (
     (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 3),
     (128, 128, 64, 4, 4),
