@@ -88,6 +88,8 @@ class Compiled:
     registers: int = 0
     stack_bytes: int = 0
     local_bytes: int = 0
+    num_stages: int = 0
+    buffers: int = 0  # the fewest shared-memory copies of any tile the kernel stages (operand_buffers); 0: none
     shared_bytes: int = 0
     wgmma: int = 0  # HGMMA instructions in the SASS: Hopper's warpgroup tensor-core MMA (sm_90a)
     mma: int = 0  # HMMA instructions: the warp-level mma.sync of Ampere, a slower path on Hopper
@@ -315,6 +317,26 @@ def sass_opcodes(text: str) -> Counter:
     return Counter(_SASS_OPCODE.findall(text))
 
 
+# A shared-memory allocation in Triton's GPU IR: "ttg.local_alloc : () -> !ttg.memdesc<3x64x128xbf16, ...>"
+_LOCAL_ALLOC = re.compile(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<((?:\d+x)+)([a-z]+)(\d+)\b")
+
+
+def operand_buffers(ttgir: str) -> int:
+    """The fewest copies Triton's pipeliner keeps of any 2-d tile in shared memory: the leading dim of a 3-d
+    allocation (one copy per stage in flight), 1 for a 2-d tile of 16 bits or less; 0 where the kernel stages
+    no tile. (2-d allocations of wider types are staged vectors: indices, row statistics.) Below the config's
+    num_stages, some load of the loop is pipelined less deep: a load whose address comes from another load in
+    the loop, or an operand transformed in registers before its product."""
+    counts = []
+    for dims, kind, bits in _LOCAL_ALLOC.findall(ttgir):
+        shape = [int(d) for d in dims.rstrip("x").split("x")]
+        if len(shape) >= 3:
+            counts.append(shape[0])
+        elif len(shape) == 2 and kind in ("bf", "f") and int(bits) <= 16:
+            counts.append(1)
+    return min(counts, default=0)
+
+
 def compile_launch(launch: Launch, config, arch: int) -> Compiled:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -330,7 +352,8 @@ def compile_launch(launch: Launch, config, arch: int) -> Compiled:
     blocks = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("BLOCK") or k == "GROUP_M")
     warps = options.get("num_warps", 4)
     label = f"{blocks} w{warps} s{options.get('num_stages', 3)}"
-    result = Compiled(launch.op, launch.case, kernel_label(launch), label, ok=False, num_warps=warps)
+    result = Compiled(launch.op, launch.case, kernel_label(launch), label, ok=False, num_warps=warps,
+                      num_stages=options.get("num_stages", 3))
     start = time.perf_counter()
     try:
         sig, consts, attrs = signature(launch.jit, values)
@@ -352,6 +375,7 @@ def compile_launch(launch: Launch, config, arch: int) -> Compiled:
         usage = parse_resource_usage(dump("--dump-resource-usage"))
         opcodes = sass_opcodes(dump("--dump-sass"))
     result.wgmma, result.mma = opcodes["HGMMA"], opcodes["HMMA"]
+    result.buffers = operand_buffers(compiled.asm["ttgir"])
     result.registers, result.stack_bytes = usage["registers"], usage["stack_bytes"]
     result.local_bytes = usage["local_bytes"]
     result.shared_bytes = compiled.metadata.shared + usage["static_shared"]
@@ -400,8 +424,9 @@ def write_report(rows: list[Compiled], arch: int, command: str, path: Path) -> N
              "- what: every launch each op's wrapper makes at the shapes in `benchmarks/triton_compile.py`, compiled "
              "with `triton.compile` for every autotune config left after the op's own pruning; resources from the "
              "cubin (`cuobjdump --dump-resource-usage`), tensor-core instructions from its SASS (`cuobjdump "
-             "--dump-sass`: HGMMA = wgmma, Hopper's warpgroup MMA; HMMA = Ampere's mma.sync). Compile-time facts, "
-             "not speed: nothing ran on a GPU.",
+             "--dump-sass`: HGMMA = wgmma, Hopper's warpgroup MMA; HMMA = Ampere's mma.sync), tile buffers from "
+             "Triton's GPU IR (the fewest shared-memory copies of any staged tile; below the config's stages, a "
+             "load of the loop is pipelined less deep). Compile-time facts, not speed: nothing ran on a GPU.",
              f"- {len(rows)} configs compiled: {sum(r.ok for r in rows)} fit sm_{arch}, "
              f"{sum(not r.ok for r in rows)} do not; {len(spilled)} of those that fit spill registers "
              "(a stack frame: every helper is inlined, so the stack holds spills). Tensor cores: "
@@ -418,12 +443,13 @@ def write_report(rows: list[Compiled], arch: int, command: str, path: Path) -> N
             lines.append(f"| {op} | {kernel} | {case} | {len(clean)}/{len(mine)} | {on_wgmma} "
                          f"| {min(r.registers for r in mine)} | {max(r.shared_bytes for r in mine) / 1024:.0f} |")
     lines += ["", "## Every config", "",
-             "| op | case | kernel | config | regs | stack B | shared KiB | tensor cores (SASS count) | compile s | problem |",
-             "|---|---|---|---|---:|---:|---:|---|---:|---|"]
+             "| op | case | kernel | config | regs | stack B | shared KiB | tile buffers | tensor cores (SASS count) "
+             "| compile s | problem |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         cores = ", ".join(f"{name} {count}" for name, count in (("HGMMA", r.wgmma), ("HMMA", r.mma)) if count)
         lines.append(f"| {r.op} | {r.case} | {r.kernel} | {r.config} | {r.registers} | {r.spill_bytes} "
-                     f"| {r.shared_bytes / 1024:.1f} | {cores} | {r.seconds} "
+                     f"| {r.shared_bytes / 1024:.1f} | {r.buffers or ''} | {cores} | {r.seconds} "
                      f"| {r.problem or ('spills' if r.spill_bytes else '')} |")
     path.write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps({"arch": arch, "command": command, "versions": versions,
