@@ -102,18 +102,26 @@ def providers(workload: Workload) -> dict:
     return standard_providers(eager_with_copy, ours)
 
 
-def main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_shape_arguments(description: str, argv: list[str] | None, default_images: list[int]):
+    """The kernel benchmarks' common arguments and the projector's shapes: (args, images, P, (D_v, D_h, D)),
+    LLaVA-1.5's by default, tiny with --smoke."""
+    parser = argparse.ArgumentParser(description=description)
     add_common_arguments(parser)
-    parser.add_argument("--images", type=int, nargs="+", default=None, help="N_img (default 16 32 64; 3 for --smoke)")
+    parser.add_argument("--images", type=int, nargs="+", default=None,
+                        help=f"N_img (default {' '.join(map(str, default_images))}; 3 for --smoke)")
     parser.add_argument("--tokens-per-image", type=int, default=None, help="P (default 576; 9 for --smoke)")
     parser.add_argument("--dims", type=int, nargs=3, default=None, help="D_v D_h D (default 1024 4096 4096)")
     parser.add_argument("--layer-norm", action="store_true", help="InternVL's projector: a LayerNorm over D_v first")
     args = parser.parse_args(argv)
     finish_arguments(args)
-    images = args.images or ([3] if args.smoke else [16, 32, 64])
+    images = args.images or ([3] if args.smoke else default_images)
     tokens_per_image = args.tokens_per_image or (9 if args.smoke else 576)
     dims = tuple(args.dims or ((24, 40, 36) if args.smoke else (1024, 4096, 4096)))
+    return args, images, tokens_per_image, dims
+
+
+def main(argv: list[str] | None = None) -> tuple[Path, Path]:
+    args, images, tokens_per_image, dims = parse_shape_arguments(__doc__.split("\n\n")[0], argv, [16, 32, 64])
     dtype = DTYPES[args.dtype]
     workloads = [lambda n=n: setup(n, tokens_per_image, dims, dtype, args.device, args.seed, args.layer_norm)
                  for n in images]  # fmt: skip

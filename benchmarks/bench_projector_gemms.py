@@ -29,7 +29,6 @@ Results go to benchmarks/results/projector_gemms_<device>.{md,csv,png}.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import sys
@@ -45,8 +44,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_packed_attention import device_slug, median_ms  # noqa: E402
-from benchmarks.bench_projector import providers, setup  # noqa: E402
-from benchmarks.kernel_bench import DTYPES, add_common_arguments, finish_arguments, header, timed_call  # noqa: E402
+from benchmarks.bench_projector import parse_shape_arguments, providers, setup  # noqa: E402
+from benchmarks.kernel_bench import DTYPES, header, timed_call  # noqa: E402
 from benchmarks.report import echo_rows, write_tables  # noqa: E402
 from vlm_core.kernels import fused_projector, fused_projector_kernels as fpk  # noqa: E402
 
@@ -159,7 +158,9 @@ def operand_layout(strides: tuple[int, int], gathered: str, names: str) -> str:
     return major + (f", {gathered}" if gathered else "")
 
 
-def _logical(t: torch.Tensor, shape: tuple[int, int], strides: tuple[int, int], rows: torch.Tensor | None) -> torch.Tensor:
+def _logical(
+    t: torch.Tensor, shape: tuple[int, int], strides: tuple[int, int], rows: torch.Tensor | None
+) -> torch.Tensor:
     """The [m, k] operand the kernel addresses in ``t`` (row i read at rows[i] when given), in the same layout: a
     view where nothing is gathered, else a K-major copy."""
     if rows is None:
@@ -251,23 +252,13 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser)
-    parser.add_argument("--images", type=int, nargs="+", default=None, help="N_img (default 64; 3 for --smoke)")
-    parser.add_argument("--tokens-per-image", type=int, default=None, help="P (default 576; 9 for --smoke)")
-    parser.add_argument("--dims", type=int, nargs=3, default=None, help="D_v D_h D (default 1024 4096 4096)")
-    parser.add_argument("--layer-norm", action="store_true", help="InternVL's projector: a LayerNorm over D_v first")
-    args = parser.parse_args(argv)
-    finish_arguments(args)
+    args, images, tokens_per_image, dims = parse_shape_arguments(__doc__.split("\n\n")[0], argv, [64])
     from vlm_core.kernels.triton_runtime import triton_status
 
     device = args.device
     ok, reason = triton_status(device)
     if not ok:
-        parser.error(f"ours cannot run on {device}: {reason}")
-    images = args.images or ([3] if args.smoke else [64])
-    tokens_per_image = args.tokens_per_image or (9 if args.smoke else 576)
-    dims = tuple(args.dims or ((24, 40, 36) if args.smoke else (1024, 4096, 4096)))
+        raise SystemExit(f"bench_projector_gemms.py: ours cannot run on {device}: {reason}")
     warmup, reps = (1, 3) if device.type == "cpu" else (3, 10)
     command = "python benchmarks/bench_projector_gemms.py " + " ".join(sys.argv[1:] if argv is None else argv)
     extra = ["each launch of ours replayed alone, with the arguments and the config the op's own call had; "

@@ -177,7 +177,7 @@ def test_a_spent_budget_skips_the_steps_and_still_archives_the_log(copy):
     proc = _stage(copy, "fused", STAGE_BUDGET_S="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (copy / "out" / "fused.log").read_text()
-    assert log.count("budget is spent") == 4 and "exit" not in log
+    assert log.count("budget is spent") == 5 and "exit" not in log
     with tarfile.open(copy / "out" / "fused.tar.gz") as tar:
         assert tar.getnames() == ["./fused.log"]
 

@@ -267,7 +267,8 @@ class PackedLoader:
 
     def __next__(self) -> PackedBatch:
         indices = next(self.stream)
-        return pack([self.dataset[index] for index in indices], self.row_len, pad_id=self.pad_id, pad_rows=self.pad_rows)
+        samples = [self.dataset[index] for index in indices]
+        return pack(samples, self.row_len, pad_id=self.pad_id, pad_rows=self.pad_rows)
 
     def state_dict(self) -> dict[str, int]:
         return self.stream.state_dict()

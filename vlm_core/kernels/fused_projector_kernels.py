@@ -107,9 +107,9 @@ def _matmul_kernel(
 
     A[m, k] is at A + a_row(m) * stride_am + k * stride_ak with a_row(m) = RowsA[m] when GATHER_A_ROWS
     (else m): d act's gather of d embeds at the image rows, whose row offsets are loaded once, before the
-    K loop (a gather along K would put a dependent load in the loop, which costs the loop its operand
-    buffers: fused_projector._backward gathers d W2's rows beforehand). B[k, n] is at B + k * stride_bk + n * stride_bn, passed
-    through GELU when GELU_B. Epilogues: _STORE (+ bias), _BIAS_GELU (Pre := acc + bias, C :=
+    K loop (a gather along K would put a dependent load in the loop, which costs the loop operand
+    buffers: fused_projector._backward gathers d W2's rows beforehand). B[k, n] is at B + k * stride_bk +
+    n * stride_bn, passed through GELU when GELU_B. Epilogues: _STORE (+ bias), _BIAS_GELU (Pre := acc + bias, C :=
     gelu(acc + bias)), _GELU_GRAD (C := acc * gelu'(Pre[m, n]); with STORE_ACT also Act := gelu(Pre), in
     Pre's layout, for d W2 to read plainly). C row m is RowsC[m] when SCATTER_C.
 

@@ -188,7 +188,8 @@ def test_unpadded_rows_compute_the_padded_loss_and_gradients() -> None:
         model.zero_grad()
         out = lm_loss(model, batch, per_sample=True)
         out.loss_sum.backward()
-        results.append((batch.total, out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((batch.total, out, grads))
     (padded_total, padded, padded_grads), (flat_total, flat, flat_grads) = results
     assert flat_total == sum(len(s.input_ids) for s in samples) < padded_total
     assert flat.units == padded.units
