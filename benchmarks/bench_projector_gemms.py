@@ -13,9 +13,9 @@ peer is ``torch.mm`` (cuBLAS on a GPU) of the same logical operands in the same 
 rows of d embeds materialized beforehand and no epilogue: the bare product our kernel's loads and epilogue
 add to. The last rows per pass: the sum of the launches, and the pass itself under autograd, timed whole (the
 difference is allocation, torch's ops around the kernels: the copy of d embeds, the gather of its image rows
-for d W2, the casts of the float32 weight gradients). Replays write
-their outputs again; the LayerNorm backward overwrites its input in place, so its replays work on changed
-values (the same work, so the same time).
+for d W2, the casts of the float32 weight gradients). Replays write their outputs again; the LayerNorm
+backward overwrites its input in place, so its replays work on changed values (the same work, so the same
+time).
 
 Rows: ``mode`` is the pass, ``provider`` ours or torch.mm; ``x vs ours`` = ms / ms(ours) of the same launch, so
 a torch.mm row below 1 is a GEMM where cuBLAS is faster. A/B: how the kernel reads its operands (K-major:
@@ -266,9 +266,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
              "beforehand, no bias, GELU or LayerNorm, output in the operands' dtype); its sum counts the GEMMs only",
              "TFLOP/s: 2 M N K per GEMM; the pass rows use bench_projector.py's FLOPs (2 M (D_v D_h + D_h D) "
              "forward, twice that backward)"]  # fmt: skip
-    lines = header(device, command, extra, warmup, reps)[:-1]  # its last line speaks of peak memory: none here
-    lines.append(f"times: medians ({'do_bench' if device.type == 'cuda' else f'{reps} reps after {warmup} warmup'}); "
-                 "x vs ours = ms / ms(ours) of the same launch (the pass rows: of the sum of ours)")
+    lines = header(device, command, extra, warmup, reps,
+                   ratios="x vs ours = ms / ms(ours) of the same launch (the pass rows: of the sum of ours)")
     stem = args.stem or ("projector_gemms_smoke_cpu" if args.smoke else f"projector_gemms_{device_slug(device)}")
     rows: list[dict] = []
     paths = (args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.csv")

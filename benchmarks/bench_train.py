@@ -253,7 +253,8 @@ def loss_agreement(s: Setup, ours: VLM, hf: torch.nn.Module, row_len: int) -> fl
     """|ours - hf| of the fp32 mean loss of the first batch (the two must compute the same function)."""
     samples = s.batches[0]
     with torch.no_grad():
-        out = lm_loss(ours, pack(samples, row_len, pad_id=s.tokenizer.pad_token_id, pad_rows=s.pad_rows).to(s.device))
+        batch = pack(samples, row_len, pad_id=s.tokenizer.pad_token_id, pad_rows=s.pad_rows)
+        out = lm_loss(ours, batch.to(s.device))
         ours_loss = float(out.loss_sum) / out.units
         hf_loss = float(hf(**hf_inputs(samples, s.tokenizer.pad_token_id, s.device)).loss)
     return abs(ours_loss - hf_loss)
@@ -384,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--row-len", type=int, default=None, help="packed row length (default 512 tiny, 2048 small)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--pad-rows", choices=("auto", "true", "false"), default="auto",
-                        help="ours: pad packed rows to --row-len (auto: as train.py on the device, padded on the CPU only)")
+                        help="ours: pad packed rows to --row-len (auto: as train.py, padded on the CPU only)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--attn-impl", default="auto", help="ours: model.attn_impl (auto = the training default)")
@@ -483,7 +484,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"versions: {versions()}",
         f"command: python benchmarks/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         (f"model: {model_name} ({sum(p.numel() for p in ours.parameters()):,} parameters, vocab {ours.vocab_size}), "
-         f"row_len {row_len} ({'padded rows' if s.pad_rows else 'rows not padded'}), {args.steps} timed steps after {args.warmup} warm-up steps at each batch size"),
+         f"row_len {row_len} ({'padded rows' if s.pad_rows else 'rows not padded'}), {args.steps} timed steps "
+         f"after {args.warmup} warm-up steps at each batch size"),
         f"loss |ours - hf| on the first batch in fp32: {agreement:.2e} (same weights, same function)",
         *(f"model config adjusted for transformers: {change}" for change in s.adjusted),
         f"MFU peak: {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: not on CPU (no meaningful peak)",

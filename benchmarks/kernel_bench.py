@@ -118,7 +118,13 @@ def run_workload(workload: Workload, providers: dict[str, Provider], modes, devi
     return rows
 
 
-def header(device: torch.device, command: str, extra: list[str], warmup: int, reps: int) -> list[str]:
+RATIOS = "x vs ours = ms / ms(ours); peak / eager = CUDA peak MiB / eager's in the same mode"
+
+
+def header(device: torch.device, command: str, extra: list[str], warmup: int, reps: int,
+           ratios: str = RATIOS) -> list[str]:  # fmt: skip
+    """STYLE.md's header lines: device, date, commit, versions, command, ``extra``, and how the times were taken
+    (with what the table's ratio columns mean)."""
     return [
         f"device: {device_name(device)}",
         f"date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
@@ -126,8 +132,7 @@ def header(device: torch.device, command: str, extra: list[str], warmup: int, re
         f"versions: {versions()}",
         f"command: `{command.strip()}`",
         *extra,
-        (f"times: medians ({'do_bench' if device.type == 'cuda' else f'{reps} reps after {warmup} warmup'}); "
-         "x vs ours = ms / ms(ours); peak / eager = CUDA peak MiB / eager's in the same mode"),
+        f"times: medians ({'do_bench' if device.type == 'cuda' else f'{reps} reps after {warmup} warmup'}); {ratios}",
     ]
 
 
