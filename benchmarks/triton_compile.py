@@ -349,7 +349,8 @@ def compile_launch(launch: Launch, config, arch: int) -> Compiled:
         values |= config.kwargs
         options |= {"num_warps": config.num_warps, "num_stages": config.num_stages}
     values = {k: (False if k == "INTERPRET_BF16" else v) for k, v in values.items()}
-    blocks = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("BLOCK") or k == "GROUP_M")
+    tuned = ("GROUP_M", "EPILOGUE_SLICE")
+    blocks = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("BLOCK") or k in tuned)
     warps, stages = options.get("num_warps", 4), options.get("num_stages", 3)
     label = f"{blocks} w{warps} s{stages}"
     result = Compiled(launch.op, launch.case, kernel_label(launch), label, ok=False, num_warps=warps,

@@ -102,6 +102,7 @@ def _matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EPILOGUE_SLICE: tl.constexpr,
 ):
     """C[m, n] = sum_k A[m, k] B[k, n] (float32 accumulation), addressed through strides and index vectors.
 
@@ -121,6 +122,9 @@ def _matmul_kernel(
     COL_SUM_C: the epilogue also writes ColSumC[pid_m, n] = sum over this tile's rows of C (float32, before
     rounding): partial column sums, one row per row tile, which the caller sums. In d pre, that is d b1,
     from registers the epilogue holds anyway (cuBLASLt's BGRAD epilogues fuse bias gradients likewise).
+
+    EPILOGUE_SLICE (a tuning parameter): the GELU epilogues run on column slices of this width, BLOCK_N / 1, 2
+    or 4; the plain store on the whole tile.
     """
     # Grouped tile order (the Triton matmul tutorial): GROUP_M row-tiles share the B column-tiles in L2.
     pid = tl.program_id(0)
@@ -177,6 +181,94 @@ def _matmul_kernel(
             a = _cast(a.to(tl.float32), B.dtype.element_ty, INTERPRET_BF16)  # (NORM_B already rounded b to A's)
         acc = _dot(a, b, acc, DOT_PRECISION, INTERPRET_BF16)
 
+    # The GELU epilogues read and write [BLOCK_M, n] tiles of Pre and Act beside the accumulator. Done in column
+    # slices of EPILOGUE_SLICE, only one slice's loads and temporaries are live at a time: the slices are split
+    # off the accumulator's registers, free in the wgmma layout (the Triton persistent-matmul tutorial subtiles
+    # its epilogue likewise). Compiled for sm_90 at 128x256 with 8 warps, d act's epilogue spilled 1608 bytes
+    # a thread whole, 296 in halves and none in quarters.
+    first_n = pid_n * BLOCK_N
+    if EPILOGUE == 0 or BLOCK_N <= EPILOGUE_SLICE:
+        _epilogue(
+            acc, first_n, BLOCK_N, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+            stride_cm, stride_cn, stride_pm, stride_pn,
+            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+        )  # fmt: skip
+    elif BLOCK_N == 2 * EPILOGUE_SLICE:
+        _epilogue_halves(
+            acc, first_n, BLOCK_N, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+            stride_cm, stride_cn, stride_pm, stride_pn,
+            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+        )  # fmt: skip
+    else:
+        tl.static_assert(BLOCK_N == 4 * EPILOGUE_SLICE, "the epilogue splits a tile in 1, 2 or 4 column slices")
+        HALF: tl.constexpr = BLOCK_N // 2
+        left, right = _halves(acc, BLOCK_M, BLOCK_N)
+        _epilogue_halves(
+            left, first_n, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+            stride_cm, stride_cn, stride_pm, stride_pn,
+            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+        )  # fmt: skip
+        _epilogue_halves(
+            right, first_n + HALF, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+            stride_cm, stride_cn, stride_pm, stride_pn,
+            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+        )  # fmt: skip
+
+
+def _halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """x [ROWS, WIDTH] -> its columns [0, WIDTH / 2) and [WIDTH / 2, WIDTH)."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, WIDTH // 2)), (0, 2, 1)))
+
+
+def _epilogue_halves(
+    acc, first_n, WIDTH: tl.constexpr, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+    stride_cm, stride_cn, stride_pm, stride_pn,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_ACT: tl.constexpr, SCATTER_C: tl.constexpr,
+    COL_SUM_C: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    """_epilogue on acc's columns [first_n, first_n + WIDTH), one half after the other."""
+    HALF: tl.constexpr = WIDTH // 2
+    left, right = _halves(acc, acc.shape[0], WIDTH)
+    _epilogue(
+        left, first_n, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+        stride_cm, stride_cn, stride_pm, stride_pn,
+        HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+    )  # fmt: skip
+    _epilogue(
+        right, first_n + HALF, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+        stride_cm, stride_cn, stride_pm, stride_pn,
+        HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+    )  # fmt: skip
+
+
+def _epilogue(
+    acc,
+    first_n,
+    WIDTH: tl.constexpr,
+    offs_m,
+    m_ok,
+    pid_m,
+    C,
+    Bias,
+    Pre,
+    Act,
+    ColSumC,
+    RowsC,
+    N,
+    stride_cm,
+    stride_cn,
+    stride_pm,
+    stride_pn,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    STORE_ACT: tl.constexpr,
+    SCATTER_C: tl.constexpr,
+    COL_SUM_C: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+):
+    """The epilogue of _matmul_kernel on the accumulator's columns [first_n, first_n + WIDTH)."""
+    offs_n = first_n + tl.arange(0, WIDTH)
+    n_ok = offs_n < N
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -256,6 +348,17 @@ _GPU_FP32_CONFIGS = ((64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (32, 32, 32, 4, 2))
 # The interpreter runs each program in numpy; small, unequal tiles make tiny tests cross tile edges.
 _INTERPRETER_CONFIG = (16, 32, 16, 4, 1)
 _GROUP_M = 8
+# The GELU epilogues' column slices (see _matmul_kernel) hold 32 values a thread: 64 columns at 128x256 with 8 warps,
+# 32 at 256x128 (compiled for sm_90, d act's epilogue then spills at neither, nor at 128x128 with 4 warps).
+# In the interpreter, quarters of its 32 columns, so the CPU tests run the most split path (test_fused_projector
+# runs the others too).
+_EPILOGUE_VALUES_PER_THREAD = 32
+_INTERPRETER_EPILOGUE_SLICE = 8
+
+
+def _epilogue_slice(block_m: int, block_n: int, warps: int) -> int:
+    """The column slice of a tile's GELU epilogue: _EPILOGUE_VALUES_PER_THREAD a thread, at least a quarter tile."""
+    return max(block_n // 4, _EPILOGUE_VALUES_PER_THREAD * 32 * warps // block_m)
 _COLUMN_SUM_BLOCKS = (64, 128)  # (BLOCK_M, BLOCK_N)
 
 
@@ -268,18 +371,21 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     jit(_gelu)
     jit(_gelu_cdf)
     jit(_gelu_density_term)
-    jit(_positions)
+    for helper in (_positions, _halves, _epilogue, _epilogue_halves):
+        jit(helper)
 
-    def config(m, n, k, warps, stages):
-        return triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": _GROUP_M}, num_warps=warps, num_stages=stages
-        )
+    def config(m, n, k, warps, stages, epilogue_slice=None):
+        if epilogue_slice is None:
+            epilogue_slice = _epilogue_slice(m, n, warps)
+        meta = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": _GROUP_M, "EPILOGUE_SLICE": epilogue_slice}
+        return triton.Config(meta, num_warps=warps, num_stages=stages)
 
     # The rows of a batch (M of the forward and d act, K of the weight gradients) change with its image count;
     # keying on their exact value would re-time every config at each new count.
     key = ["m_bucket", "n_bucket", "k_bucket", "kind"]
     if interpret:
-        matmul = triton.autotune([config(*_INTERPRETER_CONFIG)], key=key)(jit(_matmul_kernel))
+        interpreted = config(*_INTERPRETER_CONFIG, epilogue_slice=_INTERPRETER_EPILOGUE_SLICE)
+        matmul = triton.autotune([interpreted], key=key)(jit(_matmul_kernel))
     else:
 
         def keep_for_dtype(configs, named_args, **kwargs):

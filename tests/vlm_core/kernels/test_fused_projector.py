@@ -122,6 +122,24 @@ def test_gradients_with_frozen_inputs(frozen):
     check(12, rows, (24, 40, 36), torch.float32, DEVICE, f"proj-frozen-{frozen}", norm="affine", frozen=frozen)
 
 
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("slice_width", [32, 16, 8])
+def test_gelu_epilogues_in_column_slices(monkeypatch, slice_width):
+    """The GELU epilogues (forward GEMM 1; d pre with d b1's column sums and gelu(pre) for d W2) on the
+    interpreter's whole 32-column tile, in halves and in quarters: each matches the reference. D_h = 44 ends
+    in the middle of the second tile's second slice, so slices are partly and wholly out of range."""
+    from vlm_core.kernels import fused_projector_kernels as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRETER_EPILOGUE_SLICE", slice_width)
+    kernels._kernels.cache_clear()  # the interpreter's config is built with the kernels
+    try:
+        rows = [0, 1, 2, 3, 17, 18, 19, 20, 36, 37, 38, 39]
+        check(40, rows, (24, 44, 36), torch.float32, DEVICE, f"proj-slices-{slice_width}", norm="affine")
+    finally:
+        monkeypatch.undo()
+        kernels._kernels.cache_clear()
+
+
 @requires_cuda
 @pytest.mark.usefixtures("triton_kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
