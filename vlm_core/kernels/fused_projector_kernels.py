@@ -123,8 +123,8 @@ def _matmul_kernel(
     rounding): partial column sums, one row per row tile, which the caller sums. In d pre, that is d b1,
     from registers the epilogue holds anyway (cuBLASLt's BGRAD epilogues fuse bias gradients likewise).
 
-    EPILOGUE_SLICE (a tuning parameter): the GELU epilogues run on column slices of this width, BLOCK_N / 1, 2
-    or 4; the plain store on the whole tile.
+    EPILOGUE_SLICE (a tuning parameter): the GELU epilogues run on column slices this wide (BLOCK_N halved
+    until it fits); the plain store on the whole tile.
     """
     # Grouped tile order (the Triton matmul tutorial): GROUP_M row-tiles share the B column-tiles in L2.
     pid = tl.program_id(0)
@@ -186,33 +186,11 @@ def _matmul_kernel(
     # off the accumulator's registers, free in the wgmma layout (the Triton persistent-matmul tutorial subtiles
     # its epilogue likewise). Compiled for sm_90 at 128x256 with 8 warps, d act's epilogue spilled 1608 bytes
     # a thread whole, 296 in halves and none in quarters.
-    first_n = pid_n * BLOCK_N
-    if EPILOGUE == 0 or BLOCK_N <= EPILOGUE_SLICE:
-        _epilogue(
-            acc, first_n, BLOCK_N, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
-            stride_cm, stride_cn, stride_pm, stride_pn,
-            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
-        )  # fmt: skip
-    elif BLOCK_N == 2 * EPILOGUE_SLICE:
-        _epilogue_halves(
-            acc, first_n, BLOCK_N, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
-            stride_cm, stride_cn, stride_pm, stride_pn,
-            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
-        )  # fmt: skip
-    else:
-        tl.static_assert(BLOCK_N == 4 * EPILOGUE_SLICE, "the epilogue splits a tile in 1, 2 or 4 column slices")
-        HALF: tl.constexpr = BLOCK_N // 2
-        left, right = _halves(acc, BLOCK_M, BLOCK_N)
-        _epilogue_halves(
-            left, first_n, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
-            stride_cm, stride_cn, stride_pm, stride_pn,
-            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
-        )  # fmt: skip
-        _epilogue_halves(
-            right, first_n + HALF, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
-            stride_cm, stride_cn, stride_pm, stride_pn,
-            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
-        )  # fmt: skip
+    _epilogue_slices(
+        acc, pid_n * BLOCK_N, BLOCK_N, EPILOGUE_SLICE, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+        stride_cm, stride_cn, stride_pm, stride_pn,
+        HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+    )  # fmt: skip
 
 
 def _halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
@@ -220,25 +198,33 @@ def _halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, WIDTH // 2)), (0, 2, 1)))
 
 
-def _epilogue_halves(
-    acc, first_n, WIDTH: tl.constexpr, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
-    stride_cm, stride_cn, stride_pm, stride_pn,
+def _epilogue_slices(
+    acc, first_n, WIDTH: tl.constexpr, SLICE: tl.constexpr, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC,
+    N, stride_cm, stride_cn, stride_pm, stride_pn,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_ACT: tl.constexpr, SCATTER_C: tl.constexpr,
     COL_SUM_C: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
-    """_epilogue on acc's columns [first_n, first_n + WIDTH), one half after the other."""
-    HALF: tl.constexpr = WIDTH // 2
-    left, right = _halves(acc, acc.shape[0], WIDTH)
-    _epilogue(
-        left, first_n, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
-        stride_cm, stride_cn, stride_pm, stride_pn,
-        HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
-    )  # fmt: skip
-    _epilogue(
-        right, first_n + HALF, HALF, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
-        stride_cm, stride_cn, stride_pm, stride_pn,
-        HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
-    )  # fmt: skip
+    """_epilogue on acc's columns [first_n, first_n + WIDTH): whole for the plain store or when WIDTH <= SLICE,
+    else halved until the slices are SLICE wide (a recursion Triton unrolls at compile time)."""
+    if EPILOGUE == 0 or WIDTH <= SLICE:
+        _epilogue(
+            acc, first_n, WIDTH, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+            stride_cm, stride_cn, stride_pm, stride_pn,
+            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+        )  # fmt: skip
+    else:
+        HALF: tl.constexpr = WIDTH // 2
+        left, right = _halves(acc, acc.shape[0], WIDTH)
+        _epilogue_slices(
+            left, first_n, HALF, SLICE, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+            stride_cm, stride_cn, stride_pm, stride_pn,
+            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+        )  # fmt: skip
+        _epilogue_slices(
+            right, first_n + HALF, HALF, SLICE, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
+            stride_cm, stride_cn, stride_pm, stride_pn,
+            HAS_BIAS, EPILOGUE, STORE_ACT, SCATTER_C, COL_SUM_C, INTERPRET_BF16,
+        )  # fmt: skip
 
 
 def _epilogue(
@@ -348,6 +334,7 @@ _GPU_FP32_CONFIGS = ((64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (32, 32, 32, 4, 2))
 # The interpreter runs each program in numpy; small, unequal tiles make tiny tests cross tile edges.
 _INTERPRETER_CONFIG = (16, 32, 16, 4, 1)
 _GROUP_M = 8
+_COLUMN_SUM_BLOCKS = (64, 128)  # (BLOCK_M, BLOCK_N)
 # The GELU epilogues' column slices (see _matmul_kernel) hold 32 values a thread: 64 columns at 128x256 with 8 warps,
 # 32 at 256x128 (compiled for sm_90, d act's epilogue then spills at neither, nor at 128x128 with 4 warps).
 # In the interpreter, quarters of its 32 columns, so the CPU tests run the most split path (test_fused_projector
@@ -359,7 +346,6 @@ _INTERPRETER_EPILOGUE_SLICE = 8
 def _epilogue_slice(block_m: int, block_n: int, warps: int) -> int:
     """The column slice of a tile's GELU epilogue: _EPILOGUE_VALUES_PER_THREAD a thread, at least a quarter tile."""
     return max(block_n // 4, _EPILOGUE_VALUES_PER_THREAD * 32 * warps // block_m)
-_COLUMN_SUM_BLOCKS = (64, 128)  # (BLOCK_M, BLOCK_N)
 
 
 @functools.cache
@@ -371,7 +357,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     jit(_gelu)
     jit(_gelu_cdf)
     jit(_gelu_density_term)
-    for helper in (_positions, _halves, _epilogue, _epilogue_halves):
+    for helper in (_positions, _halves, _epilogue, _epilogue_slices):
         jit(helper)
 
     def config(m, n, k, warps, stages, epilogue_slice=None):
