@@ -27,6 +27,16 @@ def test_every_preset_composes(preset: str) -> None:
     assert cfg.job.model.mlp_hidden is not None  # the job's derived fields are resolved
 
 
+def test_scarce_preset_is_the_default_on_a_small_pool() -> None:
+    default, scarce = compose_loop(), compose_loop("metabolize/preset=scarce")
+    assert scarce.job.data.world.train_per_skill == 1000 != default.job.data.world.train_per_skill
+    assert (scarce.rounds_train.pool_weight, default.rounds_train.pool_weight) == (1.0, 0.15)
+    # everything else comes from the default preset
+    assert scarce.sampler == default.sampler and scarce.rounds == default.rounds
+    assert scarce.rounds_train.max_steps == default.rounds_train.max_steps
+    assert scarce.job.train == default.job.train
+
+
 def test_bad_strategy_names_the_field() -> None:
     with pytest.raises(Exception, match="strategy"):
         compose_loop("strategy=greedy")
