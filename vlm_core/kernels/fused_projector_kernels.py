@@ -193,9 +193,9 @@ def _matmul_kernel(
     )  # fmt: skip
 
 
-def _halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
-    """x [ROWS, WIDTH] -> its columns [0, WIDTH / 2) and [WIDTH / 2, WIDTH)."""
-    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, WIDTH // 2)), (0, 2, 1)))
+def _halves(x):
+    """x [rows, width] -> its columns [0, width / 2) and [width / 2, width)."""
+    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
 
 
 def _epilogue_slices(
@@ -214,7 +214,7 @@ def _epilogue_slices(
         )  # fmt: skip
     else:
         HALF: tl.constexpr = WIDTH // 2
-        left, right = _halves(acc, acc.shape[0], WIDTH)
+        left, right = _halves(acc)
         _epilogue_slices(
             left, first_n, HALF, SLICE, offs_m, m_ok, pid_m, C, Bias, Pre, Act, ColSumC, RowsC, N,
             stride_cm, stride_cn, stride_pm, stride_pn,
